@@ -1,0 +1,1 @@
+"""pyarrow schemas: raw clickstream events, dead letters and released tables."""
