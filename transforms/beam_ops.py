@@ -1,0 +1,268 @@
+"""Beam PTransforms of the nightly job. Elements are Arrow batches or tables.
+
+    paths                                   str
+      -> ReadValidateAndShard               (shard, RecordBatch)      + dead: RecordBatch
+      -> GroupByKey                         (shard, [RecordBatch])    all rows of a unit together
+      -> BoundAndAggregate                  ((output, bucket), partial Table)
+      -> GroupByKey                         ((output, bucket), [partial Table])
+      -> MergeAndRelease                    (output, released Table)  the only DP step
+      -> GroupByKey -> WriteReleased        staging Parquet files
+
+After sharding, the raw ``user_id`` is replaced by its 64-bit hash (``__unit``)
+and only the columns some output needs travel on.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from typing import Iterable, Optional
+
+
+
+import apache_beam as beam
+from apache_beam.typehints import Tuple
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas import events
+from transforms import bounding, coders, hashing, readers, validate  # noqa: F401 (coders registers)
+from transforms.budget import BudgetPlan
+from transforms.release import Releaser, add_public_partitions
+from transforms.spec import JobSpec
+
+NAMESPACE = "clickdp"
+UNIT = "__unit"
+
+
+def counter(name: str):
+    return Metrics.counter(NAMESPACE, name)
+
+
+def needed_columns(spec: JobSpec) -> list:
+    cols = set()
+    for o in spec.outputs:
+        cols.update(o.needed_columns)
+    return sorted(cols)
+
+
+def split_by_key(table: pa.Table, keys: np.ndarray, n: int) -> Iterable[Tuple[int, pa.Table]]:
+    """Splits rows into (k, sub-table) for k = keys % n, one sort, no per-row work."""
+    if table.num_rows == 0:
+        return
+    k = (keys % np.uint64(n)).astype(np.int64)
+    order = np.argsort(k, kind="stable")
+    ks = k[order]
+    bounds = np.flatnonzero(np.diff(ks)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [ks.size]])
+    taken = table.take(pa.array(order))
+    for s, e in zip(starts, ends):
+        yield int(ks[s]), taken.slice(int(s), int(e - s))
+
+
+class ReadValidateAndShardFn(beam.DoFn):
+    """Reads one file, validates it, routes valid rows to shards by privacy unit."""
+
+    def __init__(self, spec: JobSpec, date: datetime.date, n_shards: int, batch_rows: int):
+        self.spec = spec
+        self.date = date
+        self.n_shards = n_shards
+        self.batch_rows = batch_rows
+        self.columns = needed_columns(spec)
+        self.rows_read = counter("rows_read")
+        self.rows_valid = counter("rows_valid")
+        self.rows_dead = counter("rows_dead")
+        self.files_read = counter("files_read")
+
+    def process(self, path: str):
+        self.files_read.inc()
+        for batch, first_row, malformed in readers.read_batches(
+                path, column_mapping=self.spec.mapping, batch_rows=self.batch_rows):
+            if malformed is not None and malformed.num_rows:
+                self.rows_read.inc(malformed.num_rows)
+                self.rows_dead.inc(malformed.num_rows)
+                counter(f"dead:{events.REASON_MALFORMED_ROW}").inc(malformed.num_rows)
+                yield beam.pvalue.TaggedOutput("dead", malformed)
+            if batch.num_rows == 0:
+                continue
+            self.rows_read.inc(batch.num_rows)
+            result = validate.validate_batch(batch, date=self.date, source_file=path,
+                                             first_row_number=first_row)
+            if result.dead.num_rows:
+                self.rows_dead.inc(result.dead.num_rows)
+                reasons = pc.value_counts(result.dead.column("reason")).to_pylist()
+                for item in reasons:
+                    counter(f"dead:{item['values']}").inc(item["counts"])
+                yield beam.pvalue.TaggedOutput("dead", result.dead)
+            valid = pa.Table.from_batches([result.valid])
+            self.rows_valid.inc(valid.num_rows)
+            if valid.num_rows == 0:
+                continue
+            unit = hashing.hash_strings(valid.column("user_id"))
+            slim = valid.select(self.columns).append_column(UNIT, pa.array(unit, pa.uint64()))
+            for shard, part in split_by_key(slim, unit, self.n_shards):
+                yield shard, part.combine_chunks().to_batches()[0]
+
+
+class BoundAndAggregateFn(beam.DoFn):
+    """All rows of the units of one shard -> per-output partial aggregates by bucket."""
+
+    def __init__(self, spec: JobSpec, public_keys: dict, n_buckets: int):
+        self.spec = spec
+        self.public_keys = public_keys
+        self.n_buckets = n_buckets
+
+    def process(self, element):
+        shard, batches = element
+        batches = [b for b in batches if b.num_rows]
+        if not batches:
+            return
+        table = pa.Table.from_batches(batches).combine_chunks()
+        unit = table.column(UNIT).to_numpy()
+        for output in self.spec.outputs:
+            partial, stats = bounding.bound_and_aggregate(
+                table, unit, output, self.public_keys.get(output.name))
+            counter(f"out:{output.name}:rows_eligible").inc(stats["rows_eligible"])
+            counter(f"out:{output.name}:rows_kept").inc(stats["rows_kept"])
+            keys = partial.column(bounding.KEY_HASH).to_numpy()
+            for bucket, part in split_by_key(partial, keys, self.n_buckets):
+                yield (output.name, bucket), part
+
+
+def _public_subset(keys: Optional[pa.Array], bucket: int, n_buckets: int) -> Optional[pa.Array]:
+    if keys is None:
+        return None
+    h = hashing.hash_columns([keys])
+    return keys.filter(pa.array((h % np.uint64(n_buckets)).astype(np.int64) == bucket))
+
+
+class MergeAndReleaseFn(beam.DoFn):
+    """Merges one bucket's partials and releases it: selection + noise + post-processing."""
+
+    def __init__(self, spec: JobSpec, plan: BudgetPlan, public_keys: dict, n_buckets: int,
+                 sampler_name: str, no_noise: bool = False):
+        self.spec = spec
+        self.plan = plan
+        self.public_keys = public_keys
+        self.n_buckets = n_buckets
+        self.sampler_name = sampler_name
+        self.no_noise = no_noise
+
+    def setup(self):
+        from transforms import noise
+        if self.no_noise:
+            sampler = noise.NoNoiseSampler(i_understand_this_is_not_private=True)
+        else:
+            sampler = noise.get_sampler(self.sampler_name)
+        self.releasers = {
+            o.name: Releaser(o, self.plan.output(o.name), self.spec.post_processing, sampler,
+                             select=not self.no_noise)
+            for o in self.spec.outputs}
+
+    def process(self, element):
+        (name, bucket), partials = element
+        output = self.spec.output(name)
+        merged = bounding.merge_partials(output, list(partials))
+        public = _public_subset(self.public_keys.get(name), bucket, self.n_buckets)
+        merged = add_public_partitions(merged, output, public)
+        counter(f"out:{name}:partitions_considered").inc(merged.num_rows)
+        released = self.releasers[name].release(merged)
+        counter(f"out:{name}:partitions_released").inc(released.num_rows)
+        yield name, released
+
+
+class WriteReleasedFn(beam.DoFn):
+    """Writes one output's released table as Parquet (with DP metadata) to staging."""
+
+    def __init__(self, spec: JobSpec, staging_dir: str, date: datetime.date, file_metadata: dict):
+        self.spec = spec
+        self.staging_dir = staging_dir
+        self.date = date
+        self.file_metadata = file_metadata
+
+    def process(self, element):
+        name, tables = element
+        output = self.spec.output(name)
+        tables = [t for t in tables]
+        table = pa.concat_tables(tables) if tables else None
+        table = table.sort_by([(k, "ascending") for k in output.partition_keys])
+        meta = dict(table.schema.metadata or {})
+        meta[b"clickdp.dp"] = json.dumps(self.file_metadata[name], sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+        path = FileSystems.join(self.staging_dir, name, f"dt={self.date.isoformat()}",
+                                "part-00000.parquet")
+        with FileSystems.create(path) as fh:
+            pq.write_table(table, fh, compression="zstd")
+        yield path
+
+
+class WriteDeadLettersFn(beam.DoFn):
+    """Writes rejected rows to the quarantine location (never published)."""
+
+    def __init__(self, dead_dir: str):
+        self.dead_dir = dead_dir
+
+    def process(self, batch: pa.RecordBatch):
+        path = FileSystems.join(self.dead_dir, f"part-{uuid.uuid4().hex}.parquet")
+        with FileSystems.create(path) as fh:
+            pq.write_table(pa.Table.from_batches([batch]), fh, compression="zstd")
+        yield path
+
+
+class NightlyRelease(beam.PTransform):
+    """paths -> released Parquet in staging; dead letters to quarantine."""
+
+    def __init__(self, spec: JobSpec, plan: BudgetPlan, *, date: datetime.date, staging_dir: str,
+                 dead_dir: str, public_keys: dict, file_metadata: dict, n_shards: int = 8,
+                 n_buckets: int = 8, batch_rows: int = 1_000_000, sampler: str = "secure",
+                 no_noise: bool = False):
+        super().__init__()
+        self.spec, self.plan, self.date = spec, plan, date
+        self.staging_dir, self.dead_dir = staging_dir, dead_dir
+        self.public_keys, self.file_metadata = public_keys, file_metadata
+        self.n_shards, self.n_buckets, self.batch_rows = n_shards, n_buckets, batch_rows
+        self.sampler, self.no_noise = sampler, no_noise
+
+    def expand(self, paths):
+        spec = self.spec
+        read = (paths
+                | "ReadValidateAndShard" >> beam.ParDo(
+                    ReadValidateAndShardFn(spec, self.date, self.n_shards, self.batch_rows)
+                ).with_outputs("dead", main="valid"))
+        # Declare element types so Beam picks the Arrow IPC coders for the shuffles.
+        read.dead.element_type = pa.RecordBatch
+        read.valid.element_type = Tuple[int, pa.RecordBatch]
+        _ = (read.dead
+             | "WriteDeadLetters" >> beam.ParDo(WriteDeadLettersFn(self.dead_dir)))
+        partials = (read.valid
+                    | "GroupByUnitShard" >> beam.GroupByKey()
+                    | "BoundAndAggregate" >> beam.ParDo(
+                        BoundAndAggregateFn(spec, self.public_keys, self.n_buckets)
+                    ).with_output_types(Tuple[Tuple[str, int], pa.Table]))
+        # One empty partial per (output, bucket) so that every bucket is released
+        # (public partitions without data) and every output gets a file.
+        seeds = [(o.name, b) for o in spec.outputs for b in range(self.n_buckets)]
+        empties = (paths.pipeline
+                   | "BucketSeeds" >> beam.Create(seeds)
+                   | "EmptyPartials" >> beam.Map(_empty_partial, spec).with_output_types(
+                       Tuple[Tuple[str, int], pa.Table]))
+        released = ((partials, empties)
+                    | "FlattenPartials" >> beam.Flatten()
+                    | "GroupByPartitionBucket" >> beam.GroupByKey()
+                    | "MergeAndRelease" >> beam.ParDo(MergeAndReleaseFn(
+                        spec, self.plan, self.public_keys, self.n_buckets, self.sampler,
+                        self.no_noise)).with_output_types(Tuple[str, pa.Table]))
+        return (released
+                | "GroupByOutput" >> beam.GroupByKey()
+                | "WriteReleased" >> beam.ParDo(
+                    WriteReleasedFn(spec, self.staging_dir, self.date, self.file_metadata)))
+
+
+def _empty_partial(seed, spec: JobSpec):
+    name, bucket = seed
+    return (name, bucket), bounding.empty_partial(spec.output(name))
