@@ -14,15 +14,20 @@ import shutil
 import sys
 from typing import Optional
 
-from pipelines import nightly
+
+
+def _quiet_logging() -> None:
+    # Beam's GCP module logs a warning at import when the gcp extra is absent; keep the console clean.
+    logging.basicConfig(level=logging.ERROR, format="%(message)s", force=True)
+    logging.getLogger("clickdp").setLevel(logging.INFO)
 
 
 def _demo(argv: list) -> int:
     parser = argparse.ArgumentParser(prog="clickdp demo",
                                      description="Generate a sample day and release it on the local runner.")
     parser.add_argument("--dir", default="demo", help="working directory (default ./demo; recreated)")
-    parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--events", type=int, default=400_000)
+    parser.add_argument("--users", type=int, default=50_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--date", default=(datetime.date.today() - datetime.timedelta(days=1)).isoformat())
     parser.add_argument("--bad-rows-fraction", type=float, default=0.002)
     args = parser.parse_args(argv)
@@ -34,6 +39,7 @@ def _demo(argv: list) -> int:
     info = generator.generate(os.path.join(args.dir, "data"), n_users=args.users, n_events=args.events,
                               date=date, bad_rows_fraction=args.bad_rows_fraction)
     out = os.path.join(args.dir, "out")
+    from pipelines import nightly
     result = nightly.run(["--input", os.path.join(args.dir, "data", "events"), "--output", out,
                           "--date", date.isoformat()])
     if result.exit_code == 0:
@@ -51,16 +57,14 @@ def _demo(argv: list) -> int:
 
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-    logging.getLogger("clickdp").setLevel(logging.INFO)
+    _quiet_logging()
     usage = "usage: clickdp {run,generate,demo} [options]  (clickdp COMMAND --help for details)"
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip() if argv else usage)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
+        from pipelines import nightly
         return nightly.run(rest).exit_code
     if cmd == "generate":
         from transforms import generator

@@ -377,8 +377,8 @@ def human_summary(summary: dict, manifest: dict, output_root: str) -> str:
 
 
 def main(argv: Optional[list] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s", force=True)
+    LOG.setLevel(logging.INFO)
     return run(argv).exit_code
 
 
