@@ -499,3 +499,26 @@ def test_every_row_accounted_for_across_files(tmp_path):
                 seen[(name, n)] += 1
     assert set(seen.values()) == {1}
     assert outcome == expected
+
+
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (b"", []), (b"a", [0]), (b"a\n", [0]), (b"\na\n", [1]), (b"a\n\nb", [0, 2]),
+        (b"a\n  \r\n\t\nb\n", [0, 3]), (b"a\n   ", [0]), (b" \n\n", []), (b"a\n\n\n", [0]),
+    ],
+)
+def test_nonblank_line_indices(data, expected):
+    from transforms.readers import _nonblank_lines
+
+    assert _nonblank_lines(data).tolist() == expected
+
+
+def test_csv_crlf_and_bom(tmp_path):
+    path = tmp_path / "w.csv"
+    text = ",".join(HEADER) + "\r\n" + csv_line(0) + "\r\n" + "oops\r\n" + csv_line(2) + "\r\n"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    preflight([str(path)])
+    rows, malformed = rows_and_numbers(collect(str(path)))
+    assert [(n, r["event_id"], r["quantity"]) for n, r in rows] == [(0, "e0", "2"), (2, "e2", "2")]
+    assert malformed == [(1, "oops")]

@@ -571,3 +571,11 @@ def test_random_mixes_count_per_reason(build, seed):
             assert amount is None
         else:
             assert math.isclose(amount, price * (row["quantity"] or 1))
+
+
+def test_float_typed_ids_render_like_ints():
+    batch = typed_batch([good_row(i) for i in range(3)])
+    batch = batch.set_column(1, "user_id", pa.array([123.0, 4.5, float("nan")], pa.float64()))
+    result = run(batch)
+    assert result.valid.column("user_id").to_pylist() == ["123", "4.5"]
+    assert reasons(result) == [REASON_MISSING_USER_ID]  # NaN is pandas' null

@@ -13,8 +13,10 @@ and only the columns some output needs travel on.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
+import time
 import uuid
 from typing import Iterable, Optional
 
@@ -36,11 +38,28 @@ from transforms.release import Releaser, add_public_partitions
 from transforms.spec import JobSpec
 
 NAMESPACE = "clickdp"
+# Columns validation looks at (read even when no output needs them).
+VALIDATED_COLUMNS = ("user_id", "event_time", "event_type", "product_id", "price", "quantity")
 UNIT = "__unit"
 
 
 def counter(name: str):
     return Metrics.counter(NAMESPACE, name)
+
+
+class stage_timer:
+    """Adds the wall time of a block to the counter ``ms:<stage>`` (summed over workers)."""
+
+    def __init__(self, stage: str):
+        self.counter = counter(f"ms:{stage}")
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.counter.inc(int((time.perf_counter() - self.t0) * 1000))
+        return False
 
 
 def needed_columns(spec: JobSpec) -> list:
@@ -54,8 +73,8 @@ def split_by_key(table: pa.Table, keys: np.ndarray, n: int) -> Iterable[Tuple[in
     """Splits rows into (k, sub-table) for k = keys % n, one sort, no per-row work."""
     if table.num_rows == 0:
         return
-    k = (keys % np.uint64(n)).astype(np.int64)
-    order = np.argsort(k, kind="stable")
+    k = (keys % np.uint64(n)).astype(np.uint8 if n <= 256 else np.int64)
+    order = np.argsort(k, kind="stable")  # a radix sort for uint8 keys
     ks = k[order]
     bounds = np.flatnonzero(np.diff(ks)) + 1
     starts = np.concatenate([[0], bounds])
@@ -74,6 +93,8 @@ class ReadValidateAndShardFn(beam.DoFn):
         self.n_shards = n_shards
         self.batch_rows = batch_rows
         self.columns = needed_columns(spec)
+        # Read only what validation and the outputs need; dead rows are re-read whole.
+        self.read_columns = sorted((set(self.columns) | set(VALIDATED_COLUMNS)) & set(events.RAW_COLUMNS))
         self.rows_read = counter("rows_read")
         self.rows_valid = counter("rows_valid")
         self.rows_dead = counter("rows_dead")
@@ -81,8 +102,15 @@ class ReadValidateAndShardFn(beam.DoFn):
 
     def process(self, path: str):
         self.files_read.inc()
-        for batch, first_row, malformed in readers.read_batches(
-                path, column_mapping=self.spec.mapping, batch_rows=self.batch_rows):
+        projected = readers.supports_projection(path)
+        batches = readers.read_batches(path, column_mapping=self.spec.mapping, batch_rows=self.batch_rows,
+                                       columns=self.read_columns if projected else None)
+        while True:
+            with stage_timer("read"):
+                item = next(batches, None)
+            if item is None:
+                break
+            batch, first_row, malformed = item
             if malformed is not None and malformed.num_rows:
                 self.rows_read.inc(malformed.num_rows)
                 self.rows_dead.inc(malformed.num_rows)
@@ -91,22 +119,43 @@ class ReadValidateAndShardFn(beam.DoFn):
             if batch.num_rows == 0:
                 continue
             self.rows_read.inc(batch.num_rows)
-            result = validate.validate_batch(batch, date=self.date, source_file=path,
-                                             first_row_number=first_row)
+            with stage_timer("validate"):
+                result = validate.validate_batch(batch, date=self.date, source_file=path,
+                                                 first_row_number=first_row,
+                                                 synthesize_event_ids=not projected)
+            if result.dead.num_rows and projected:
+                result = dataclasses.replace(result, dead=self._full_dead_rows(path, result.dead))
             if result.dead.num_rows:
                 self.rows_dead.inc(result.dead.num_rows)
                 reasons = pc.value_counts(result.dead.column("reason")).to_pylist()
                 for item in reasons:
                     counter(f"dead:{item['values']}").inc(item["counts"])
                 yield beam.pvalue.TaggedOutput("dead", result.dead)
-            valid = pa.Table.from_batches([result.valid])
-            self.rows_valid.inc(valid.num_rows)
-            if valid.num_rows == 0:
+            self.rows_valid.inc(result.valid.num_rows)
+            if result.valid.num_rows == 0:
                 continue
-            unit = hashing.hash_strings(valid.column("user_id"))
-            slim = valid.select(self.columns).append_column(UNIT, pa.array(unit, pa.uint64()))
-            for shard, part in split_by_key(slim, unit, self.n_shards):
-                yield shard, part.combine_chunks().to_batches()[0]
+            with stage_timer("shard"):
+                valid = pa.Table.from_batches([result.valid])
+                unit = hashing.hash_strings(valid.column("user_id"))
+                slim = valid.select([c for c in self.columns if c != "event_type"])
+                slim = slim.append_column(UNIT, pa.array(unit, pa.uint64()))
+                if "event_type" in self.columns:  # ship the type as a 1-byte code
+                    etype = pc.index_in(valid.column("event_type"), value_set=bounding.EVENT_TYPE_DICTIONARY)
+                    slim = slim.append_column(bounding.EVENT_TYPE_CODE, etype.cast(pa.int8()))
+                parts = [(shard, part.combine_chunks().to_batches()[0])
+                         for shard, part in split_by_key(slim, unit, self.n_shards)]
+            yield from parts
+
+
+    def _full_dead_rows(self, path: str, dead: pa.RecordBatch) -> pa.RecordBatch:
+        """Dead letters with every raw column, re-read for just those rows."""
+        rows = dead.column("row_number").to_numpy()
+        full = readers.read_rows(path, rows, column_mapping=self.spec.mapping)
+        again = validate.validate_batch(full, date=self.date, source_file=path, first_row_number=0).dead
+        if again.num_rows != dead.num_rows or again.column("reason") != dead.column("reason"):
+            raise RuntimeError(f"{path}: dead-letter re-read disagrees with the projected read")
+        i = again.schema.get_field_index("row_number")
+        return again.set_column(i, again.schema.field(i), dead.column("row_number"))
 
 
 class BoundAndAggregateFn(beam.DoFn):
@@ -122,16 +171,20 @@ class BoundAndAggregateFn(beam.DoFn):
         batches = [b for b in batches if b.num_rows]
         if not batches:
             return
-        table = pa.Table.from_batches(batches).combine_chunks()
-        unit = table.column(UNIT).to_numpy()
-        for output in self.spec.outputs:
-            partial, stats = bounding.bound_and_aggregate(
-                table, unit, output, self.public_keys.get(output.name))
-            counter(f"out:{output.name}:rows_eligible").inc(stats["rows_eligible"])
-            counter(f"out:{output.name}:rows_kept").inc(stats["rows_kept"])
-            keys = partial.column(bounding.KEY_HASH).to_numpy()
-            for bucket, part in split_by_key(partial, keys, self.n_buckets):
-                yield (output.name, bucket), part
+        with stage_timer("bound_aggregate"):
+            table = pa.Table.from_batches(batches).combine_chunks()
+            unit = table.column(UNIT).to_numpy()
+            view = bounding.ShardView(table, unit)
+            out = []
+            for output in self.spec.outputs:
+                partial, stats = bounding.bound_and_aggregate(
+                    table, unit, output, self.public_keys.get(output.name), view=view)
+                counter(f"out:{output.name}:rows_eligible").inc(stats["rows_eligible"])
+                counter(f"out:{output.name}:rows_kept").inc(stats["rows_kept"])
+                keys = partial.column(bounding.KEY_HASH).to_numpy()
+                out.extend(((output.name, bucket), part)
+                           for bucket, part in split_by_key(partial, keys, self.n_buckets))
+        yield from out
 
 
 def _public_subset(keys: Optional[pa.Array], bucket: int, n_buckets: int) -> Optional[pa.Array]:
@@ -167,11 +220,13 @@ class MergeAndReleaseFn(beam.DoFn):
     def process(self, element):
         (name, bucket), partials = element
         output = self.spec.output(name)
-        merged = bounding.merge_partials(output, list(partials))
-        public = _public_subset(self.public_keys.get(name), bucket, self.n_buckets)
-        merged = add_public_partitions(merged, output, public)
+        with stage_timer("merge"):
+            merged = bounding.merge_partials(output, list(partials))
+            public = _public_subset(self.public_keys.get(name), bucket, self.n_buckets)
+            merged = add_public_partitions(merged, output, public)
         counter(f"out:{name}:partitions_considered").inc(merged.num_rows)
-        released = self.releasers[name].release(merged)
+        with stage_timer("release"):
+            released = self.releasers[name].release(merged)
         counter(f"out:{name}:partitions_released").inc(released.num_rows)
         yield name, released
 

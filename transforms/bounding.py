@@ -19,10 +19,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas import events
 from transforms import hashing
 from transforms.spec import Bounds, Filter, Metric, Output
 
 KEY_HASH = "__key_hash"
+# event_type may travel as an int8 code into EVENT_TYPE_DICTIONARY (all rows are validated).
+EVENT_TYPE_CODE = "__event_type_code"
+EVENT_TYPE_DICTIONARY = pa.array(events.EVENT_TYPES, pa.string())
 PID_COUNT = "__pid_count"  # privacy units per partition after bounding (drives selection)
 ROWS_KEPT = "__rows_kept"
 
@@ -61,21 +65,63 @@ def _rank_within_runs(sorted_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return run, rank
 
 
+def _bits(n: int) -> int:
+    return max(1, int(n - 1).bit_length())
+
+
+def dense_codes(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Dense int64 codes 0..k-1 (hash-based, first-appearance order) and k."""
+    if values.size == 0:
+        return np.zeros(0, np.int64), 0
+    enc = pc.dictionary_encode(pa.array(values))
+    return enc.indices.to_numpy().astype(np.int64), len(enc.dictionary)
+
+
+def _random_order_by_group(group: np.ndarray, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """Permutation sorting `group` (dense codes) ascending, uniformly random within each group.
+
+    One np.sort of packed int64 keys (group << b | random rank) instead of an
+    argsort/lexsort: the random ranks are a uniform permutation, so ties are
+    impossible and the order within a group is uniform.
+    """
+    n = group.size
+    rbits = _bits(n)
+    if _bits(max(n_groups, 1)) + rbits > 62:
+        prio = rng.permutation(n)
+        return np.lexsort((prio, group))
+    prio = rng.permutation(n).astype(np.int64)
+    key = (group.astype(np.int64) << rbits) | prio
+    key.sort()
+    row_of_prio = np.empty(n, dtype=np.int64)
+    row_of_prio[prio] = np.arange(n, dtype=np.int64)
+    return row_of_prio[key & ((1 << rbits) - 1)]
+
+
 def bound_contributions(unit: np.ndarray, part: np.ndarray, bounds: Bounds,
-                        rng: Optional[np.random.Generator] = None) -> BoundedRows:
+                        rng: Optional[np.random.Generator] = None, *,
+                        n_units: Optional[int] = None, n_parts: Optional[int] = None) -> BoundedRows:
     """Applies Linf, L0 and the optional total cap per unit; returns the kept rows.
 
-    unit: uint64 privacy-unit id per row (e.g. a hash of user_id)
-    part: int64 partition code per row (>= 0)
+    unit: privacy-unit id per row (any integers; dense codes 0..n_units-1 are fastest)
+    part: partition code per row, dense 0..n_parts-1
     """
     rng = _rng(rng)
     n = unit.size
     if n == 0:
         z = np.zeros(0, np.int64)
         return BoundedRows(z, z, z, z)
-    # Order rows by (unit, partition, random priority): a uniform random order within each cell.
-    prio = rng.integers(0, np.iinfo(np.int64).max, size=n, dtype=np.int64)
-    order = np.lexsort((prio, part, unit))
+    if n_units is None:
+        unit, n_units = dense_codes(unit)
+    part = part.astype(np.int64, copy=False)
+    if n_parts is None:
+        n_parts = int(part.max()) + 1
+    # Rows ordered by cell = (unit, partition), uniformly random within each cell.
+    pbits = _bits(n_parts)
+    if _bits(n_units) + pbits <= 62:
+        cell_key = (unit.astype(np.int64) << pbits) | part
+        order = _random_order_by_group(cell_key, 1 << min(62, _bits(n_units) + pbits), rng)
+    else:
+        order = np.lexsort((rng.permutation(n), part, unit))
     u_s, p_s = unit[order], part[order]
     cell_change = np.empty(n, dtype=bool)
     cell_change[0] = True
@@ -85,73 +131,114 @@ def bound_contributions(unit: np.ndarray, part: np.ndarray, bounds: Bounds,
     rank = np.arange(n, dtype=np.int64) - cell_start[cell]
     keep = rank < bounds.max_contributions_per_partition  # Linf
 
-    # L0: keep a uniform random subset of at most L0 cells per unit.
+    # L0: a uniform random subset of at most L0 cells per unit.
     n_cells = cell_start.size
-    cell_unit_raw = u_s[cell_start]
-    unit_change = np.empty(n_cells, dtype=bool)
-    unit_change[0] = True
-    unit_change[1:] = cell_unit_raw[1:] != cell_unit_raw[:-1]
-    cell_unit = np.cumsum(unit_change) - 1  # dense unit index, cells already grouped by unit
-    cell_prio = rng.integers(0, np.iinfo(np.int64).max, size=n_cells, dtype=np.int64)
-    corder = np.lexsort((cell_prio, cell_unit))
+    cell_unit = u_s[cell_start].astype(np.int64)  # nondecreasing
+    corder = _random_order_by_group(cell_unit, n_units, rng)
     _, crank_sorted = _rank_within_runs(cell_unit[corder])
     crank = np.empty(n_cells, dtype=np.int64)
     crank[corder] = crank_sorted
-    cell_keep = crank < bounds.max_partitions_contributed
-    keep &= cell_keep[cell]
+    keep &= (crank < bounds.max_partitions_contributed)[cell]
 
     if bounds.max_contributions is not None:
         # Total cap: a uniform random subset of the unit's remaining rows.
         idx = np.flatnonzero(keep)
         row_unit = cell_unit[cell[idx]]
-        rprio = rng.integers(0, np.iinfo(np.int64).max, size=idx.size, dtype=np.int64)
-        rorder = np.lexsort((rprio, row_unit))
+        rorder = _random_order_by_group(row_unit, n_units, rng)
         _, rrank_sorted = _rank_within_runs(row_unit[rorder])
-        over = idx[rorder[rrank_sorted >= bounds.max_contributions]]
-        keep[over] = False
+        keep[idx[rorder[rrank_sorted >= bounds.max_contributions]]] = False
 
     kept_sorted = np.flatnonzero(keep)
-    kept_cells = cell[kept_sorted]
-    # Re-number cells to those that still hold rows.
-    used, new_cell = np.unique(kept_cells, return_inverse=True)
+    kept_cells = cell[kept_sorted]  # nondecreasing
+    change = np.empty(kept_cells.size, dtype=bool)
+    if kept_cells.size:
+        change[0] = True
+        np.not_equal(kept_cells[1:], kept_cells[:-1], out=change[1:])
+    used = kept_cells[change]
     return BoundedRows(
         rows=order[kept_sorted],
-        cell=new_cell.astype(np.int64),
+        cell=np.cumsum(change) - 1,
         cell_part=p_s[cell_start[used]].astype(np.int64),
-        cell_unit=cell_unit[used].astype(np.int64),
+        cell_unit=cell_unit[used],
     )
+
+
+class ShardView:
+    """Columnar view of one shard's rows with per-column codes computed once.
+
+    String columns are dictionary-encoded once (hash-based) and reused by every
+    output and filter; numeric columns are converted to numpy once.
+    """
+
+    def __init__(self, table: pa.Table, unit: np.ndarray):
+        self.table = table
+        self.n = table.num_rows
+        self.unit, self.n_units = dense_codes(unit)
+        self._codes: dict = {}
+        self._values: dict = {}
+        self._masks: dict = {}
+
+    def codes(self, column: str) -> tuple[np.ndarray, pa.Array]:
+        """(int64 codes with -1 for null, dictionary) of a string column."""
+        if column == "event_type" and EVENT_TYPE_CODE in self.table.column_names:
+            if column not in self._codes:
+                codes = pc.fill_null(self.table.column(EVENT_TYPE_CODE), -1).to_numpy()
+                self._codes[column] = (codes.astype(np.int64), EVENT_TYPE_DICTIONARY)
+            return self._codes[column]
+        if column not in self._codes:
+            col = self.table.column(column)
+            if not pa.types.is_dictionary(col.type):
+                col = pc.dictionary_encode(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+            elif isinstance(col, pa.ChunkedArray):
+                col = col.unify_dictionaries().combine_chunks() if col.num_chunks > 1 else col.chunk(0)
+            idx = col.indices
+            codes = pc.fill_null(idx, -1).to_numpy().astype(np.int64)
+            self._codes[column] = (codes, col.dictionary)
+        return self._codes[column]
+
+    def values(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(float64 values with 0 for null, validity) of a numeric column."""
+        if column not in self._values:
+            col = self.table.column(column)
+            valid = np.asarray(pc.is_valid(col).to_numpy(zero_copy_only=False))
+            x = pc.fill_null(col.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
+            self._values[column] = (x, valid)
+        return self._values[column]
+
+    def mask(self, flt: Optional[Filter]) -> np.ndarray:
+        """Rows matching a spec filter (null never matches); cached per filter."""
+        if flt is None:
+            return np.ones(self.n, dtype=bool)
+        key = flt.union_key()
+        if key not in self._masks:
+            mask = np.ones(self.n, dtype=bool)
+            for column, op, values in flt.terms:
+                codes, dictionary = self.codes(column)
+                hit_codes = np.flatnonzero(np.asarray(
+                    pc.fill_null(pc.is_in(dictionary, value_set=pa.array(values, pa.string())), False)))
+                hit = np.isin(codes, hit_codes)
+                if op == "not in":
+                    hit = ~hit & (codes >= 0)
+                mask &= hit
+            self._masks[key] = mask
+        return self._masks[key]
 
 
 def filter_mask(table: pa.Table, flt: Optional[Filter]) -> np.ndarray:
     """Boolean mask of rows matching a spec filter (null never matches)."""
-    n = table.num_rows
-    if flt is None:
-        return np.ones(n, dtype=bool)
-    mask = np.ones(n, dtype=bool)
-    for column, op, values in flt.terms:
-        hit = pc.is_in(table.column(column), value_set=pa.array(values, pa.string()))
-        hit = pc.fill_null(hit, False).to_numpy(zero_copy_only=False)
-        if op == "not in":
-            hit = ~hit & np.asarray(pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False))
-        mask &= hit
-    return mask
+    return ShardView(table, np.zeros(table.num_rows, np.uint64)).mask(flt)
 
 
-def output_row_filter(output: Output) -> list:
-    """Rows an output sees: its own filter AND (any metric's filter, if all metrics filter)."""
-    return [output.filter] + ([None] if any(m.filter is None for m in output.metrics)
-                              else [m.filter for m in output.metrics])
-
-
-def output_mask(table: pa.Table, output: Output) -> np.ndarray:
-    mask = filter_mask(table, output.filter)
+def output_mask(view: ShardView, output: Output) -> np.ndarray:
+    """Rows an output sees: its filter AND (any metric's filter, when every metric filters)."""
+    mask = view.mask(output.filter).copy()
     if all(m.filter is not None for m in output.metrics):
-        any_metric = np.zeros(table.num_rows, dtype=bool)
+        any_metric = np.zeros(view.n, dtype=bool)
         for m in output.metrics:
-            any_metric |= filter_mask(table, m.filter)
+            any_metric |= view.mask(m.filter)
         mask &= any_metric
     for key in output.partition_keys:  # rows without a partition key cannot contribute
-        mask &= np.asarray(pc.is_valid(table.column(key)).to_numpy(zero_copy_only=False))
+        mask &= view.codes(key)[0] >= 0
     return mask
 
 
@@ -183,56 +270,75 @@ def empty_partial(output: Output) -> pa.Table:
     return partial_schema(output).empty_table()
 
 
+def _partition_codes(view: ShardView, output: Output, rows: np.ndarray) -> tuple[np.ndarray, list]:
+    """Dense partition codes of `rows` and, per key column, (codes, dictionary)."""
+    per_key = [view.codes(k) for k in output.partition_keys]
+    if len(per_key) == 1:
+        return per_key[0][0][rows], per_key
+    combined = np.zeros(rows.size, dtype=np.int64)
+    for codes, dictionary in per_key:
+        combined = combined * (len(dictionary) + 1) + codes[rows]
+    dense, _ = dense_codes(combined)
+    return dense, per_key
+
+
 def bound_and_aggregate(table: pa.Table, unit: np.ndarray, output: Output,
                         public_keys: Optional[pa.Array] = None,
-                        rng: Optional[np.random.Generator] = None) -> tuple[pa.Table, dict]:
+                        rng: Optional[np.random.Generator] = None, *,
+                        view: Optional[ShardView] = None) -> tuple[pa.Table, dict]:
     """Bounds one output's contributions and aggregates per partition.
 
     table: validated events of whole privacy units (all rows of each unit present)
-    unit:  uint64 unit id per row of `table`
+    unit:  privacy-unit id per row of `table`
+    view:  a ShardView of (table, unit) shared between outputs (built if absent)
     Returns (partial table with partial_schema(output), stats dict).
     """
-    stats = {"rows_in": table.num_rows}
-    mask = output_mask(table, output)
+    view = view if view is not None else ShardView(table, unit)
+    stats = {"rows_in": view.n}
+    mask = output_mask(view, output)
     if public_keys is not None:
-        key_col = table.column(output.partition_keys[0]) if len(output.partition_keys) == 1 else None
-        if key_col is None:
+        if len(output.partition_keys) != 1:
             raise ValueError("public partitions support a single partition key column")
-        mask &= pc.fill_null(pc.is_in(key_col, value_set=public_keys), False).to_numpy(zero_copy_only=False)
+        codes, dictionary = view.codes(output.partition_keys[0])
+        public_codes = np.flatnonzero(np.asarray(
+            pc.fill_null(pc.is_in(dictionary, value_set=public_keys), False)))
+        mask &= np.isin(codes, public_codes)
     idx = np.flatnonzero(mask)
     stats["rows_eligible"] = int(idx.size)
     if idx.size == 0:
         stats["rows_kept"] = 0
         return empty_partial(output), stats
-    sub = table.take(pa.array(idx))
-    keys = [sub.column(k) for k in output.partition_keys]
-    key_hash = hashing.hash_columns(keys)
-    uniq_hash, rep, part = np.unique(key_hash, return_index=True, return_inverse=True)
-    part = part.astype(np.int64)  # rep: first row of each partition
-    for k in keys:  # a 64-bit hash collision would merge partitions: refuse instead
-        same = pc.equal(k, pc.take(k, pa.array(rep[part])))
-        if not pc.all(same).as_py():
-            raise RuntimeError("partition key hash collision; rerun (keys are hashed without salt)")
+    part_all, per_key = _partition_codes(view, output, idx)
+    # Re-densify to the partitions present among eligible rows.
+    part, n_parts = dense_codes(part_all)
+    first_row = np.full(n_parts, -1, dtype=np.int64)
+    is_first = np.empty(part.size, dtype=bool)  # codes appear in first-appearance order
+    is_first[0] = True
+    if part.size > 1:
+        np.greater(part[1:], np.maximum.accumulate(part[:-1]), out=is_first[1:])
+    first_row[part[is_first]] = idx[is_first]
 
-    bounded = bound_contributions(unit[idx], part, output.bounds, rng)
-    n_parts = uniq_hash.size
+    bounded = bound_contributions(view.unit[idx], part, output.bounds, rng,
+                                  n_units=view.n_units, n_parts=n_parts)
     stats["rows_kept"] = int(bounded.rows.size)
+    kept_rows = idx[bounded.rows]  # rows of the shard table
     kept_part = bounded.cell_part[bounded.cell]
     cols = {}
-    for i, k in enumerate(output.partition_keys):
-        cols[k] = pc.take(keys[i], pa.array(rep)).cast(pa.string())
-    cols[KEY_HASH] = pa.array(uniq_hash, pa.uint64())
+    key_arrays = []
+    for k, (codes, dictionary) in zip(output.partition_keys, per_key):
+        arr = dictionary.take(pa.array(codes[first_row])).cast(pa.string())
+        cols[k] = arr
+        key_arrays.append(arr)
+    cols[KEY_HASH] = pa.array(hashing.hash_columns(key_arrays), pa.uint64())
     cols[PID_COUNT] = pa.array(np.bincount(bounded.cell_part, minlength=n_parts).astype(np.int64))
     cols[ROWS_KEPT] = pa.array(np.bincount(kept_part, minlength=n_parts).astype(np.int64))
-    kept_table = sub.take(pa.array(bounded.rows))
     for m in output.metrics:
-        mmask = filter_mask(kept_table, m.filter)
+        w_mask = view.mask(m.filter)[kept_rows]
         if m.column is not None:
-            values = kept_table.column(m.column)
-            mmask &= np.asarray(pc.is_valid(values).to_numpy(zero_copy_only=False))
-            x = pc.fill_null(values.cast(pa.float64()), 0.0).to_numpy(zero_copy_only=False)
-            x = np.clip(x, m.min_value, m.max_value)
-        w = mmask.astype(np.float64)
+            x_all, valid_all = view.values(m.column)
+            w_mask = w_mask & valid_all[kept_rows]
+            x = np.clip(x_all[kept_rows], m.min_value, m.max_value)
+        w = w_mask.astype(np.float64)
         if m.type in ("count", "mean", "variance"):
             cols[f"{m.name}__count"] = pa.array(
                 np.bincount(kept_part, weights=w, minlength=n_parts).round().astype(np.int64))

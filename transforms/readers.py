@@ -497,7 +497,7 @@ def _wanted_sources(sources: dict[str, str], available) -> list[str]:
 # --------------------------------------------------------------------------
 # format readers
 # --------------------------------------------------------------------------
-def _read_parquet(path, sources, batch_rows):
+def _read_parquet(path, sources, batch_rows, columns=None):
     try:
         pf = _open_parquet(path)
         names = pf.schema_arrow.names
@@ -505,7 +505,11 @@ def _read_parquet(path, sources, batch_rows):
         raise InputError(f"{path}: unreadable parquet file: {exc}") from exc
     try:
         _check_required(path, names, sources)
-        iterator = pf.iter_batches(batch_size=batch_rows, columns=_wanted_sources(sources, set(names)))
+        wanted = _wanted_sources(sources, set(names))
+        if columns is not None:  # projection: other canonical columns come back all-null
+            keep = {sources[c] for c in columns}
+            wanted = [w for w in wanted if w in keep]
+        iterator = pf.iter_batches(batch_size=batch_rows, columns=wanted)
         first = 0
         while True:
             try:
@@ -584,6 +588,8 @@ def _nonblank_lines(data: bytes) -> np.ndarray:
     stops at newlines), so files without blank lines cost one scan.
     """
     n_lines = _line_count(data)
+    if n_lines == 0:
+        return np.zeros(0, dtype=np.int64)
     blank = []
     if _BLANK_FIRST_LINE.match(data):
         blank.append(0)
@@ -749,6 +755,7 @@ def read_batches(
     *,
     column_mapping: dict[str, str] | None = None,
     batch_rows: int = 1_000_000,
+    columns: Sequence[str] | None = None,
 ) -> Iterator[tuple[pa.RecordBatch, int, pa.RecordBatch | None]]:
     """Yield ``(batch, first_row_number, malformed)`` for one file.
 
@@ -763,5 +770,39 @@ def read_batches(
         raise ValueError("batch_rows must be >= 1")
     fmt = detect_format(path)
     sources = _source_names(column_mapping, path)
-    reader = {"parquet": _read_parquet, "csv": _read_csv, "jsonl": _read_jsonl}[fmt]
+    if fmt == "parquet":
+        yield from _read_parquet(path, sources, batch_rows, columns)
+        return
+    reader = {"csv": _read_csv, "jsonl": _read_jsonl}[fmt]
     yield from reader(path, sources, batch_rows)
+
+
+def supports_projection(path) -> bool:
+    """Whether read_batches(columns=...) reads only those columns (Parquet)."""
+    return detect_format(os.fspath(path)) == "parquet"
+
+
+def read_rows(path, row_numbers, *, column_mapping: dict[str, str] | None = None) -> pa.RecordBatch:
+    """All canonical columns of the given 0-based data rows of a Parquet file, in the given order.
+
+    Used to fill dead letters with every raw value when the main read was projected.
+    """
+    path = os.fspath(path)
+    sources = _source_names(column_mapping, path)
+    rows = np.asarray(row_numbers, dtype=np.int64)
+    pf = _open_parquet(path)
+    try:
+        names = set(pf.schema_arrow.names)
+        starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
+        groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+        table = pf.read_row_groups([int(g) for g in groups], columns=_wanted_sources(sources, names))
+        # row r of the file is at (r - starts[g]) + (rows of earlier selected groups)
+        offsets = np.cumsum([0] + [pf.metadata.row_group(int(g)).num_rows for g in groups])
+        local = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
+        positions = rows - starts[groups[local]] + offsets[local]
+        taken = table.take(pa.array(positions)).combine_chunks()
+    finally:
+        pf.close()
+    columns = dict(zip(taken.schema.names, taken.columns))
+    return _canonical_batch({k: v.chunk(0) if v.num_chunks else pa.array([], v.type)
+                             for k, v in columns.items()}, sources, len(rows))

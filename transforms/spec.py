@@ -19,7 +19,7 @@ import yaml
 from schemas import events
 
 NOISE_KINDS = ("laplace", "gaussian")
-ACCOUNTANTS = ("naive",)  # "pld" arrives with the privacy ledger
+ACCOUNTANTS = ("naive", "pld")  # see transforms/accounting.py
 METRIC_TYPES = ("count", "privacy_id_count", "sum", "mean", "variance")
 VALUE_METRICS = ("sum", "mean", "variance")
 SELECTION_STRATEGIES = ("truncated_geometric", "laplace_thresholding", "gaussian_thresholding")
@@ -264,6 +264,46 @@ class PostProcessing:
 
 
 @dataclasses.dataclass(frozen=True)
+class LedgerConfig:
+    """The privacy ledger's rolling window: at most ``max_epsilon`` at ``delta`` over any
+    ``window_days`` consecutive days (see transforms/ledger.py). No cap if max_epsilon is unset."""
+
+    path: Optional[str] = None  # default: <quarantine>/_ledger/ledger.sqlite
+    window_days: int = 30
+    max_epsilon: Optional[float] = None
+    delta: Optional[float] = None
+    accountant: Optional[str] = None  # default: the spec's accountant
+
+    @staticmethod
+    def parse(raw: Any, field: str, base_dir: str) -> "LedgerConfig":
+        raw = {} if raw is None else raw
+        _check_keys(raw, ("path", "window_days", "max_epsilon", "delta", "accountant"), field)
+        path = raw.get("path")
+        if path is not None:
+            _require(isinstance(path, str) and path != "", f"{field}.path", f"must be a file path, got {path!r}")
+            path = os.path.expanduser(os.path.expandvars(path))
+            _require("://" not in path, f"{field}.path",
+                     f"must be a local file (SQLite cannot live on an object store), got {path!r}")
+            if not os.path.isabs(path):
+                path = os.path.normpath(os.path.join(base_dir, path))
+        window = _int(raw.get("window_days", 30), f"{field}.window_days", 1)
+        _require(window <= 3660, f"{field}.window_days", f"must be <= 3660, got {window}")
+        cap = raw.get("max_epsilon")
+        delta = raw.get("delta")
+        if cap is not None:
+            cap = _number(cap, f"{field}.max_epsilon")
+            _require(cap > 0, f"{field}.max_epsilon", f"must be > 0, got {cap:g}")
+            _require(delta is not None, f"{field}.delta", "is required with max_epsilon (the cap is epsilon at this delta)")
+        if delta is not None:
+            delta = _number(delta, f"{field}.delta")
+            _require(0 < delta < 1, f"{field}.delta", f"must be in (0, 1), got {delta:g}")
+        accountant = raw.get("accountant")
+        _require(accountant is None or accountant in ACCOUNTANTS, f"{field}.accountant",
+                 f"must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+        return LedgerConfig(path, window, cap, delta, accountant)
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpec:
     job: str
     privacy_unit: str
@@ -277,7 +317,11 @@ class JobSpec:
     spec_hash: str
     source_path: Optional[str] = None
     # Ledger settings (window and cap) are read here so the spec is validated whole.
-    ledger: Optional[tuple] = None
+    ledger: LedgerConfig = LedgerConfig()
+
+    @property
+    def ledger_accountant(self) -> str:
+        return self.ledger.accountant or self.accountant
 
     def output(self, name: str) -> Output:
         for o in self.outputs:
@@ -375,12 +419,12 @@ def parse_spec(raw: Any, *, base_dir: str = ".", source_path: Optional[str] = No
                      f"must be > 0: outputs[{i}] ({o.name}) uses private partition selection, "
                      "which needs delta")
 
-    ledger = raw.get("ledger")
-    if ledger is not None:
-        _check_keys(ledger, ("path", "window_days", "max_epsilon", "delta"), "ledger")
-        ledger = tuple(sorted(ledger.items()))
+    ledger = LedgerConfig.parse(raw.get("ledger"), "ledger", base_dir)
 
-    canonical = json.dumps(raw, sort_keys=True, default=str).encode()
+    # The hash identifies what a release computes; the ledger section (where it lives, the
+    # cap) does not change a release, so raising a cap is not a "spec change".
+    canonical = json.dumps({k: v for k, v in raw.items() if k != "ledger"}, sort_keys=True,
+                           default=str).encode()
     return JobSpec(
         job=job, privacy_unit=unit, epsilon=eps, delta=delta, noise=noise, accountant=accountant,
         column_mapping=tuple(sorted(mapping.items())), outputs=tuple(outputs), post_processing=post,

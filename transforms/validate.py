@@ -15,8 +15,13 @@ values into dead letters).
 Accepted inputs, per column:
 
 * string columns (``user_id``, ``event_type`` ...): any type; non-strings are
-  cast to string (ints ``42`` -> ``"42"``, floats Python-like ``"1.5"``/
-  ``"2.0"``, timestamps ISO-8601, booleans ``"true"``/``"false"``).
+  cast to string (ints ``42`` -> ``"42"``; floats ``1.5`` -> ``"1.5"``,
+  ``123.0`` -> ``"123"`` so that float-typed ids match int-typed ones, NaN ->
+  null; timestamps ISO-8601; booleans ``"true"``/``"false"``). Values are
+  otherwise kept verbatim (no trimming, no case folding).
+* dead letters render non-string raw values the same way, except that
+  floats of ``event_time``/``price``/``quantity`` are Python-like
+  (``12.0``, ``nan``, ``inf``).
 * ``event_time``: a timestamp of any unit (naive = UTC, tz-aware converted to
   UTC; sub-microsecond digits are truncated), or an ISO-8601 string
   ``YYYY-MM-DD[T| ]HH:MM[:SS[.fraction]][Z|+HH|+HHMM|+HH:MM]`` (surrounding
@@ -236,6 +241,19 @@ def to_string_array(array) -> pa.Array:
         return _python_render(array)
 
 
+def _id_string_array(array) -> pa.Array:
+    """Like ``to_string_array``, but integral floats lose their ``.0``: an id
+    column that became float64 somewhere upstream (pandas and NaN) must give
+    ``"123"`` for 123.0, the same string as an int64 column -- otherwise one
+    shopper would turn into two privacy units. NaN counts as null."""
+    array = _flat(array)
+    if pa.types.is_floating(array.type):
+        # NaN is how pandas spells a missing value: treat it as null
+        array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
+        return pc.cast(array, pa.string())
+    return to_string_array(array)
+
+
 # --------------------------------------------------------------------------
 # parsing
 # --------------------------------------------------------------------------
@@ -444,6 +462,7 @@ def validate_batch(
     date: datetime.date,
     source_file: str,
     first_row_number: int,
+    synthesize_event_ids: bool = True,
 ) -> ValidationResult:
     """Split ``batch`` into valid events and dead letters (see module doc).
 
@@ -455,7 +474,7 @@ def validate_batch(
         batch = batch.combine_chunks()
     n = batch.num_rows
     raw = _columns(batch, n)
-    strings = {name: to_string_array(raw[name]) for name in _STRING_COLUMNS}
+    strings = {name: _id_string_array(raw[name]) for name in _STRING_COLUMNS}
     lo_us, hi_us = _day_bounds_us(date)
 
     # ---- rules, each a numpy bool mask over all rows ----
@@ -493,7 +512,10 @@ def validate_batch(
 
     # ---- valid rows ----
     event_id = strings["event_id"]
-    if event_id.null_count:
+    if not synthesize_event_ids and event_id.null_count == n:
+        # The caller did not read event_id (projected read) and will not use it.
+        event_id = _repeat_string("", n)
+    elif event_id.null_count:
         synthetic = pc.binary_join_element_wise(
             pa.scalar(f"{SYNTHETIC_EVENT_ID_PREFIX}{source_file}:"),
             pc.cast(pa.array(np.arange(first_row_number, first_row_number + n, dtype=np.int64)), pa.string()),
