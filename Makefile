@@ -24,5 +24,13 @@ lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check pipelines transforms schemas tests
 
+bench: $(STAMP)
+	$(PY) -m pip install --quiet 'duckdb>=1.0'
+	$(PY) bench/bench.py --name bench-10m --events 10000000 --users 1000000 --products 100000 --runs 3
+
+bench-small: $(STAMP)
+	$(PY) -m pip install --quiet 'duckdb>=1.0'
+	$(PY) bench/bench.py --name bench-1m --events 1000000 --users 100000 --products 10000 --runs 3
+
 clean:
 	rm -rf $(VENV) demo .pytest_cache *.egg-info
