@@ -84,6 +84,41 @@ def split_by_key(table: pa.Table, keys: np.ndarray, n: int) -> Iterable[Tuple[in
         yield int(ks[s]), taken.slice(int(s), int(e - s))
 
 
+def _single(col) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return col
+
+
+def _hash_maybe_dictionary(col) -> np.ndarray:
+    """hash_strings, computed once per dictionary entry for dictionary arrays."""
+    col = _single(col)
+    if pa.types.is_dictionary(col.type):
+        per_entry = hashing.hash_strings(col.dictionary)
+        idx = col.indices
+        out = per_entry[pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)]
+        if idx.null_count:
+            out[~np.asarray(idx.is_valid())] = 0
+        return out
+    return hashing.hash_strings(col)
+
+
+def _index_in_maybe_dictionary(col, value_set: pa.Array) -> pa.Array:
+    col = _single(col)
+    if pa.types.is_dictionary(col.type):
+        per_entry = pc.index_in(col.dictionary, value_set=value_set)
+        return per_entry.take(col.indices)
+    return pc.index_in(col, value_set=value_set)
+
+
+def _decode_dictionaries(table: pa.Table) -> pa.Table:
+    """Plain strings for the shuffle: per-batch dictionaries would travel with every slice."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
+
+
 class ReadValidateAndShardFn(beam.DoFn):
     """Reads one file, validates it, routes valid rows to shards by privacy unit."""
 
@@ -122,7 +157,8 @@ class ReadValidateAndShardFn(beam.DoFn):
             with stage_timer("validate"):
                 result = validate.validate_batch(batch, date=self.date, source_file=path,
                                                  first_row_number=first_row,
-                                                 synthesize_event_ids=not projected)
+                                                 synthesize_event_ids=not projected,
+                                                 keep_dictionaries=projected)
             if result.dead.num_rows and projected:
                 result = dataclasses.replace(result, dead=self._full_dead_rows(path, result.dead))
             if result.dead.num_rows:
@@ -136,11 +172,11 @@ class ReadValidateAndShardFn(beam.DoFn):
                 continue
             with stage_timer("shard"):
                 valid = pa.Table.from_batches([result.valid])
-                unit = hashing.hash_strings(valid.column("user_id"))
-                slim = valid.select([c for c in self.columns if c != "event_type"])
+                unit = _hash_maybe_dictionary(valid.column("user_id"))
+                slim = _decode_dictionaries(valid.select([c for c in self.columns if c != "event_type"]))
                 slim = slim.append_column(UNIT, pa.array(unit, pa.uint64()))
                 if "event_type" in self.columns:  # ship the type as a 1-byte code
-                    etype = pc.index_in(valid.column("event_type"), value_set=bounding.EVENT_TYPE_DICTIONARY)
+                    etype = _index_in_maybe_dictionary(valid.column("event_type"), bounding.EVENT_TYPE_DICTIONARY)
                     slim = slim.append_column(bounding.EVENT_TYPE_CODE, etype.cast(pa.int8()))
                 parts = [(shard, part.combine_chunks().to_batches()[0])
                          for shard, part in split_by_key(slim, unit, self.n_shards)]

@@ -229,12 +229,13 @@ def _open_text_source(path: str):
     return FileSystems.open(path, compression_type=compression)
 
 
-def _open_parquet(path: str) -> pq.ParquetFile:
+def _open_parquet(path: str, read_dictionary=None) -> pq.ParquetFile:
     if _is_local(path):
-        return pq.ParquetFile(_local_path(path))
+        return pq.ParquetFile(_local_path(path), read_dictionary=read_dictionary)
     from apache_beam.io.filesystems import CompressionTypes, FileSystems
 
-    return pq.ParquetFile(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED))
+    return pq.ParquetFile(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED),
+                          read_dictionary=read_dictionary)
 
 
 def _read_all(path: str) -> bytes:
@@ -501,6 +502,15 @@ def _read_parquet(path, sources, batch_rows, columns=None):
     try:
         pf = _open_parquet(path)
         names = pf.schema_arrow.names
+        if columns is not None:
+            # Projected (pipeline) reads keep string columns dictionary-encoded: decoding
+            # Parquet dictionary pages into plain strings is most of the cost of a read.
+            schema = pf.schema_arrow
+            dict_cols = [sources[c] for c in columns if sources[c] in names
+                         and pa.types.is_string(schema.field(sources[c]).type)]
+            if dict_cols:
+                pf.close()
+                pf = _open_parquet(path, read_dictionary=dict_cols)
     except Exception as exc:
         raise InputError(f"{path}: unreadable parquet file: {exc}") from exc
     try:

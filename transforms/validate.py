@@ -88,15 +88,27 @@ class ValidationResult:
 # --------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------
-def _flat(array) -> pa.Array:
-    """Plain (non-chunked, non-dictionary, non-extension) array."""
+def _flat(array, keep_dictionary: bool = False) -> pa.Array:
+    """Plain (non-chunked, non-extension) array; dictionaries decoded unless kept."""
     if isinstance(array, pa.ChunkedArray):
         array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
     if isinstance(array, pa.ExtensionArray):
         array = array.storage
-    if pa.types.is_dictionary(array.type):
+    if pa.types.is_dictionary(array.type) and not (
+            keep_dictionary and pa.types.is_string(array.type.value_type)):
         array = array.dictionary_decode()
     return array
+
+
+def _per_value(array: pa.Array, fn) -> np.ndarray:
+    """fn(strings) -> numpy bool, evaluated once per dictionary entry for dictionary arrays."""
+    if pa.types.is_dictionary(array.type):
+        per_entry = fn(array.dictionary)
+        idx = array.indices
+        out = per_entry[pc.fill_null(idx, 0).to_numpy(zero_copy_only=False)] if len(per_entry) else \
+            np.zeros(len(array), dtype=bool)
+        return out, ~_np_valid(idx)
+    return fn(array), ~_np_valid(array)
 
 
 def _np_bool(array) -> np.ndarray:
@@ -241,12 +253,15 @@ def to_string_array(array) -> pa.Array:
         return _python_render(array)
 
 
-def _id_string_array(array) -> pa.Array:
+def _id_string_array(array, keep_dictionary: bool = False) -> pa.Array:
     """Like ``to_string_array``, but integral floats lose their ``.0``: an id
     column that became float64 somewhere upstream (pandas and NaN) must give
     ``"123"`` for 123.0, the same string as an int64 column -- otherwise one
-    shopper would turn into two privacy units. NaN counts as null."""
-    array = _flat(array)
+    shopper would turn into two privacy units. NaN counts as null.
+    With keep_dictionary, a dictionary<string> column is returned as is."""
+    array = _flat(array, keep_dictionary)
+    if pa.types.is_dictionary(array.type):
+        return array
     if pa.types.is_floating(array.type):
         # NaN is how pandas spells a missing value: treat it as null
         array = pc.if_else(pc.is_nan(array), pa.scalar(None, array.type), array)
@@ -259,10 +274,15 @@ def _id_string_array(array) -> pa.Array:
 # --------------------------------------------------------------------------
 def _blank(strings: pa.Array) -> np.ndarray:
     """Null, empty or whitespace-only."""
-    blank = ~_np_valid(strings)
-    blank |= _np_bool(pc.equal(pc.binary_length(strings), 0))
-    blank |= _np_bool(pc.utf8_is_space(strings))
-    return blank
+    def empty_or_space(values):
+        return _np_bool(pc.equal(pc.binary_length(values), 0)) | _np_bool(pc.utf8_is_space(values))
+    blank, null = _per_value(strings, empty_or_space)
+    return blank | null
+
+
+def _is_in(strings: pa.Array, value_set: pa.Array) -> np.ndarray:
+    hit, null = _per_value(strings, lambda v: _np_bool(pc.is_in(v, value_set=value_set)))
+    return hit & ~null
 
 
 _ZERO, _NINE = ord("0"), ord("9")
@@ -445,12 +465,12 @@ def _day_bounds_us(date: datetime.date) -> tuple[int, int]:
     return lo_days * _US_PER_DAY, (lo_days + 1) * _US_PER_DAY
 
 
-def _columns(batch, n: int) -> dict[str, pa.Array]:
+def _columns(batch, n: int, keep_dictionary: bool = False) -> dict[str, pa.Array]:
     names = batch.schema.names
     out = {}
     for field in RAW_EVENT_SCHEMA:
         if field.name in names:
-            out[field.name] = _flat(batch.column(names.index(field.name)))
+            out[field.name] = _flat(batch.column(names.index(field.name)), keep_dictionary)
         else:
             out[field.name] = pa.nulls(n, field.type)
     return out
@@ -463,6 +483,7 @@ def validate_batch(
     source_file: str,
     first_row_number: int,
     synthesize_event_ids: bool = True,
+    keep_dictionaries: bool = False,
 ) -> ValidationResult:
     """Split ``batch`` into valid events and dead letters (see module doc).
 
@@ -473,16 +494,16 @@ def validate_batch(
     if isinstance(batch, pa.Table):
         batch = batch.combine_chunks()
     n = batch.num_rows
-    raw = _columns(batch, n)
-    strings = {name: _id_string_array(raw[name]) for name in _STRING_COLUMNS}
+    raw = _columns(batch, n, keep_dictionaries)
+    strings = {name: _id_string_array(raw[name], keep_dictionaries) for name in _STRING_COLUMNS}
     lo_us, hi_us = _day_bounds_us(date)
 
     # ---- rules, each a numpy bool mask over all rows ----
     missing_user = _blank(strings["user_id"])
     micros, time_ok, in_day = _event_time(raw["event_time"], lo_us, hi_us)
     event_type = strings["event_type"]
-    known_type = _np_bool(pc.is_in(event_type, value_set=_EVENT_TYPES))
-    product_event = _np_bool(pc.is_in(event_type, value_set=_PRODUCT_EVENT_TYPES))
+    known_type = _is_in(event_type, _EVENT_TYPES)
+    product_event = _is_in(event_type, _PRODUCT_EVENT_TYPES)
     missing_product = product_event & _blank(strings["product_id"])
 
     price, price_present, price_unparseable = _numeric(raw["price"])
@@ -530,9 +551,11 @@ def validate_batch(
     valid_columns["price"] = pa.array(price, pa.float64(), mask=~price_present)
     valid_columns["quantity"] = pa.array(qty_int, pa.int32(), mask=~qty_present)
     valid_columns["amount"] = pa.array(amount, pa.float64(), mask=~price_present)
-    valid = pa.RecordBatch.from_arrays(
-        [valid_columns[f.name] for f in VALID_EVENT_SCHEMA], schema=VALID_EVENT_SCHEMA
-    )
+    schema = VALID_EVENT_SCHEMA
+    if keep_dictionaries:  # string columns may stay dictionary<string>
+        schema = pa.schema([f.with_type(valid_columns[f.name].type) for f in VALID_EVENT_SCHEMA],
+                           metadata=VALID_EVENT_SCHEMA.metadata)
+    valid = pa.RecordBatch.from_arrays([valid_columns[f.name] for f in schema], schema=schema)
     if len(dead_index):
         valid = valid.filter(pa.array(is_valid))
 
