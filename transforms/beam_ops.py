@@ -213,8 +213,11 @@ class BoundAndAggregateFn(beam.DoFn):
             view = bounding.ShardView(table, unit)
             out = []
             for output in self.spec.outputs:
-                partial, stats = bounding.bound_and_aggregate(
-                    table, unit, output, self.public_keys.get(output.name), view=view)
+                if output.kind == "aggregate":
+                    partial, stats = bounding.bound_and_aggregate(
+                        table, unit, output, self.public_keys.get(output.name), view=view)
+                else:
+                    partial, stats = bounding.special_output_counts(view, output)
                 counter(f"out:{output.name}:rows_eligible").inc(stats["rows_eligible"])
                 counter(f"out:{output.name}:rows_kept").inc(stats["rows_kept"])
                 keys = partial.column(bounding.KEY_HASH).to_numpy()

@@ -370,3 +370,66 @@ def merge_partials(output: Output, partials: list) -> pa.Table:
     merged = merged.rename_columns([c[:-4] if c.endswith("_sum") and c[:-4] in sums else c
                                     for c in merged.column_names])
     return merged.select(schema.names).cast(schema)
+
+
+def partial_from_counts(output: Output, counts: pa.Table) -> pa.Table:
+    """Partial table of a pairs/queries output from per-key distinct-user counts.
+
+    counts: key columns + PID_COUNT, where every user counts at most once per key and
+    in at most output.bounds.max_partitions_contributed keys (already bounded).
+    """
+    schema = partial_schema(output)
+    if counts.num_rows == 0:
+        return schema.empty_table()
+    keys = [counts.column(k).cast(pa.string()) for k in output.partition_keys]
+    pids = counts.column(PID_COUNT).cast(pa.int64())
+    cols = {k: arr for k, arr in zip(output.partition_keys, keys)}
+    cols[KEY_HASH] = pa.array(hashing.hash_columns([_one(k) for k in keys]), pa.uint64())
+    cols[PID_COUNT] = pids
+    cols[ROWS_KEPT] = pids
+    cols[f"{output.metrics[0].name}__pids"] = pids
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _one(col):
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def special_output_counts(view: ShardView, output: Output, rng=None) -> tuple[pa.Table, dict]:
+    """Bounded per-key distinct-user counts for pairs and queries outputs (one shard)."""
+    from transforms import pairs as pairs_lib
+    from transforms import queries as queries_lib
+    opts = output.options
+    if output.kind == "pairs":
+        etypes = pairs_lib.KIND_EVENT_TYPES[opts["type"]]
+        mask = view.mask(Filter((("event_type", "in", tuple(etypes)),)))
+        mask &= view.codes("product_id")[0] >= 0
+        idx = np.flatnonzero(mask)
+        t = view.table
+        counts = pairs_lib.session_pairs(
+            view.unit[idx], _one(t.column("session_id")).take(pa.array(idx)),
+            _one(t.column("product_id")).take(pa.array(idx)), opts["max_pairs_per_user"], opts["type"],
+            max_products_per_session=opts["max_products_per_session"], rng=rng)
+    else:
+        mask = view.mask(Filter((("event_type", "in", ("search",)),)))
+        t = view.table
+        q = _one(t.column("search_query"))
+        mask &= np.asarray(pc.is_valid(q).to_numpy(zero_copy_only=False))
+        categories = None
+        if opts["by_category"]:
+            etype_codes, etype_dict = view.codes("event_type")
+            etype = etype_dict.take(pa.array(np.maximum(etype_codes, 0)))
+            cats_all = queries_lib.search_query_categories(
+                view.unit, _one(t.column("session_id")), _one(t.column("event_time")), etype,
+                _one(t.column("category")))
+            mask &= np.asarray(pc.is_valid(cats_all).to_numpy(zero_copy_only=False))
+        idx = np.flatnonzero(mask)
+        if opts["by_category"]:
+            categories = cats_all.take(pa.array(idx))
+        rows = queries_lib.query_contributions(view.unit[idx], q.take(pa.array(idx)),
+                                               opts["max_queries_per_user"], categories,
+                                               max_chars=opts["max_chars"], rng=rng)
+        counts = queries_lib.query_user_counts(rows)
+    stats = {"rows_in": view.n, "rows_eligible": int(idx.size),
+             "rows_kept": int(pc.sum(counts.column(PID_COUNT)).as_py() or 0) if counts.num_rows else 0}
+    return partial_from_counts(output, counts), stats

@@ -58,28 +58,34 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.events import EVENT_TYPES
-from transforms.noise import NoiseParams, SecureNoiseSampler, calibrate_laplace, uniform_01
+from transforms.noise import (
+    NoiseParams,
+    SecureNoiseSampler,
+    calibrate_laplace,
+    uniform_01,
+)
 
 __all__ = [
-    "LocalDPConfig",
-    "PSEUDONYM_KEY_ENV",
     "MIN_KEY_BYTES",
+    "PSEUDONYM_KEY_ENV",
+    "LocalDPConfig",
     "krr_keep_probability",
-    "randomized_response",
     "laplace_params",
-    "pseudonymize",
-    "pseudonym_key_from_env",
     "local_dp_features",
+    "pseudonym_key_from_env",
+    "pseudonymize",
+    "randomized_response",
 ]
 
 #: Environment variable read by :func:`pseudonym_key_from_env` (hex-encoded key).
@@ -154,8 +160,8 @@ class LocalDPConfig:
 
     def price_band_labels(self) -> tuple:
         e = self.price_band_edges
-        fmt = lambda x: f"{x:g}"  # noqa: E731
-        labels = [f"<{fmt(e[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in zip(e[:-1], e[1:])]
+        fmt = lambda x: f"{x:g}"
+        labels = [f"<{fmt(e[0])}"] + [f"{fmt(a)}-{fmt(b)}" for a, b in itertools.pairwise(e)]
         return tuple(labels + [f">={fmt(e[-1])}", NONE_LABEL])
 
 
@@ -334,7 +340,7 @@ def _features(user: np.ndarray, n_users: int, etype: np.ndarray, cat: np.ndarray
 
 
 def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str = "none",
-                      pseudonym_key: Optional[bytes] = None,
+                      pseudonym_key: bytes | None = None,
                       sampler=None) -> pa.Table:
     """One epsilon-LDP row per user of ``events`` (ALL rows of each user must be present).
 
@@ -372,10 +378,14 @@ def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str =
     price = pc.fill_null(price_col, 0.0).to_numpy(zero_copy_only=False)
     price_ok = (np.asarray(price_col.is_valid(), dtype=bool) & np.isfinite(price) & (price >= 0)
                 & (_index_in(_plain(events.column("event_type")), cfg.price_event_types) >= 0))
-    act, frac, top, band = _features(user, n_users, etype, cat, price, price_ok, cfg)
-
-    # Random output order (CSPRNG): row position reveals nothing about the user id.
+    # Random output order (CSPRNG): row position reveals nothing about the user id. Users
+    # are renumbered by their output position before aggregation, so features come out in
+    # output order without extra copies.
     perm = np.argsort(uniform_01(n_users), kind="stable") if n_users else np.zeros(0, np.int64)
+    position = np.empty(n_users, dtype=np.int64)
+    position[perm] = np.arange(n_users, dtype=np.int64)
+    act, frac, top, band = _features(position[user], n_users, etype, cat, price, price_ok, cfg)
+    del user
     cols, meta = {}, {"epsilon": cfg.epsilon, "epsilon_split": split, "row_key": row_key,
                       "features": {}}
     if row_key == "pseudonym":
@@ -384,7 +394,7 @@ def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str =
     if "activity" in split:
         l1 = float(len(cfg.event_types) * cfg.activity_clip)
         params = laplace_params(split["activity"], l1)
-        noisy = sampler.add_noise(act[perm], params) if n_users else act
+        noisy = sampler.add_noise(act, params) if n_users else act
         for j, name in enumerate(_column_names("act_", cfg.event_types)):
             cols[name] = pa.array(noisy[:, j], pa.float64())
         meta["features"]["activity"] = {
@@ -394,7 +404,7 @@ def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str =
     if "category" in split:
         if cfg.category_mode == "histogram":
             params = laplace_params(split["category"], 2.0)
-            noisy = sampler.add_noise(frac[perm], params) if n_users else frac
+            noisy = sampler.add_noise(frac, params) if n_users else frac
             for j, name in enumerate(_column_names("cat_", cfg.categories)):
                 cols[name] = pa.array(noisy[:, j], pa.float64())
             meta["features"]["category"] = {
@@ -404,7 +414,7 @@ def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str =
         else:
             labels = pa.array(list(cfg.categories) + [NONE_LABEL], pa.string())
             k = len(labels)
-            rr = randomized_response(top[perm], k, split["category"])
+            rr = randomized_response(top, k, split["category"])
             cols["top_category"] = labels.take(pa.array(rr))
             meta["features"]["category"] = {
                 "mechanism": "k_randomized_response", "epsilon": split["category"], "k": k,
@@ -413,7 +423,7 @@ def local_dp_features(events: pa.Table, config: LocalDPConfig, *, row_key: str =
     if "price_band" in split:
         labels = pa.array(list(cfg.price_band_labels()), pa.string())
         k = len(labels)
-        rr = randomized_response(band[perm], k, split["price_band"])
+        rr = randomized_response(band, k, split["price_band"])
         cols["price_band"] = labels.take(pa.array(rr))
         meta["features"]["price_band"] = {
             "mechanism": "k_randomized_response", "epsilon": split["price_band"], "k": k,

@@ -33,7 +33,7 @@ users or sessions.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -43,15 +43,15 @@ from transforms.bounding import PID_COUNT, bound_contributions
 from transforms.spec import Bounds
 
 __all__ = [
-    "KIND_EVENT_TYPES",
     "DEFAULT_MAX_PRODUCTS_PER_SESSION",
     "DEFAULT_MAX_SESSIONS_PER_USER",
+    "KIND_EVENT_TYPES",
     "PRODUCT_A",
     "PRODUCT_B",
     "bounded_session_pairs",
+    "merge_pair_counts",
     "pair_user_counts",
     "session_pairs",
-    "merge_pair_counts",
     "top_k_neighbours",
 ]
 
@@ -255,8 +255,8 @@ def _bounded_pair_codes(unit, session, product, max_pairs_per_user, kind, event_
 def bounded_session_pairs(unit: np.ndarray, session, product, max_pairs_per_user: int,
                           kind: str = "viewed", *, event_type=None,
                           max_products_per_session: int = DEFAULT_MAX_PRODUCTS_PER_SESSION,
-                          max_sessions_per_user: Optional[int] = DEFAULT_MAX_SESSIONS_PER_USER,
-                          rng: Optional[np.random.Generator] = None) -> pa.Table:
+                          max_sessions_per_user: int | None = DEFAULT_MAX_SESSIONS_PER_USER,
+                          rng: np.random.Generator | None = None) -> pa.Table:
     """Bounded co-occurrence rows (unit, product_a, product_b): one row per kept (user, pair).
 
     unit: uint64 privacy-unit id per row; session, product: string arrays; event_type:
@@ -285,8 +285,8 @@ def pair_user_counts(rows: pa.Table) -> pa.Table:
 def session_pairs(unit: np.ndarray, session, product, max_pairs_per_user: int,
                   kind: str = "viewed", *, event_type=None,
                   max_products_per_session: int = DEFAULT_MAX_PRODUCTS_PER_SESSION,
-                  max_sessions_per_user: Optional[int] = DEFAULT_MAX_SESSIONS_PER_USER,
-                  rng: Optional[np.random.Generator] = None) -> pa.Table:
+                  max_sessions_per_user: int | None = DEFAULT_MAX_SESSIONS_PER_USER,
+                  rng: np.random.Generator | None = None) -> pa.Table:
     """Per-pair distinct-user counts after global per-user bounding.
 
     Returns (product_a, product_b, ``__pid_count``) with product_a < product_b, one row per
@@ -318,7 +318,7 @@ def merge_pair_counts(tables: Sequence[pa.Table]) -> pa.Table:
                      PID_COUNT: g.column(f"{PID_COUNT}_sum")}, schema=_COUNTS_SCHEMA)
 
 
-def _released_count_column(table: pa.Table, count_column: Optional[str]) -> str:
+def _released_count_column(table: pa.Table, count_column: str | None) -> str:
     names = table.column_names
     internal = [c for c in names if c.startswith("__")]
     if internal:
@@ -344,7 +344,7 @@ def _released_count_column(table: pa.Table, count_column: Optional[str]) -> str:
 
 
 def top_k_neighbours(released_pairs: pa.Table, k: int, *,
-                     count_column: Optional[str] = None) -> pa.Table:
+                     count_column: str | None = None) -> pa.Table:
     """Top-k neighbours per product from a RELEASED pairs table (post-processing, no budget).
 
     ``released_pairs``: the released co-occurrence table (product_a, product_b, a noisy

@@ -245,9 +245,20 @@ class Output:
     selection: Selection
     budget_weight: float = 1.0
     filter: Optional[Filter] = None
+    kind: str = "aggregate"  # aggregate | pairs | queries
+    params: tuple = ()  # kind-specific settings, ((name, value), ...)
+
+    @property
+    def options(self) -> dict:
+        return dict(self.params)
 
     @property
     def needed_columns(self) -> tuple:
+        if self.kind == "pairs":
+            return ("event_type", "product_id", "session_id")
+        if self.kind == "queries":
+            extra = ("category", "event_time", "session_id") if self.options["by_category"] else ()
+            return tuple(sorted(("event_type", "search_query") + extra))
         cols = set(self.partition_keys)
         for f in [self.filter] + [m.filter for m in self.metrics]:
             if f is not None:
@@ -338,6 +349,51 @@ _TOP_FIELDS = ("job", "privacy_unit", "budget", "noise", "accountant", "column_m
                "contribution_bounds", "outputs", "post_processing", "ledger")
 
 
+OUTPUT_KINDS = ("aggregate", "pairs", "queries")
+_PAIR_TYPES = ("viewed", "bought")
+
+
+def _parse_special_output(o: Mapping, f: str, base_dir: str) -> Output:
+    """Outputs with implied keys and metric: co-occurring product pairs, search queries.
+
+    Both release a distinct-user count per key ("users") through private partition
+    selection; each user contributes each key at most once and at most
+    max_*_per_user keys (L0 = that cap, Linf = 1), bounded globally per user.
+    """
+    kind = o.get("kind")
+    _require(kind in OUTPUT_KINDS, f"{f}.kind", f"unknown output kind {kind!r}; known: {', '.join(OUTPUT_KINDS)}")
+    _check_keys(o, ("name", "kind", kind, "selection", "budget_weight"), f)
+    name = o.get("name")
+    _require(isinstance(name, str) and bool(_NAME_RE.match(name)), f"{f}.name",
+             f"must be a lower_snake_case identifier, got {name!r}")
+    opts = o.get(kind) or {}
+    if kind == "pairs":
+        _check_keys(opts, ("type", "max_pairs_per_user", "max_products_per_session", "top_k"), f"{f}.pairs")
+        ptype = opts.get("type", "viewed")
+        _require(ptype in _PAIR_TYPES, f"{f}.pairs.type", f"must be one of {', '.join(_PAIR_TYPES)}, got {ptype!r}")
+        cap = _int(opts.get("max_pairs_per_user", 10), f"{f}.pairs.max_pairs_per_user", 1)
+        per_session = _int(opts.get("max_products_per_session", 50), f"{f}.pairs.max_products_per_session", 2)
+        top_k = _int(opts.get("top_k", 10), f"{f}.pairs.top_k", 1)
+        params = (("type", ptype), ("max_pairs_per_user", cap), ("max_products_per_session", per_session),
+                  ("top_k", top_k))
+        keys = ("product_a", "product_b")
+    else:
+        _check_keys(opts, ("max_queries_per_user", "by_category", "max_chars"), f"{f}.queries")
+        cap = _int(opts.get("max_queries_per_user", 3), f"{f}.queries.max_queries_per_user", 1)
+        by_cat = opts.get("by_category", False)
+        _require(isinstance(by_cat, bool), f"{f}.queries.by_category", f"must be true or false, got {by_cat!r}")
+        max_chars = _int(opts.get("max_chars", 80), f"{f}.queries.max_chars", 8)
+        params = (("max_queries_per_user", cap), ("by_category", by_cat), ("max_chars", max_chars))
+        keys = ("query", "category") if by_cat else ("query",)
+    selection = Selection.parse(o.get("selection"), f"{f}.selection", base_dir)
+    _require(selection.kind == "private", f"{f}.selection.type",
+             f"{kind} keys are data-derived and are released only through private partition selection")
+    weight = _number(o.get("budget_weight", 1.0), f"{f}.budget_weight")
+    _require(weight > 0, f"{f}.budget_weight", f"must be > 0, got {weight:g}")
+    return Output(name, keys, (Metric("users", "privacy_id_count"),), Bounds(cap, 1), selection, weight,
+                  None, kind, params)
+
+
 def parse_spec(raw: Any, *, base_dir: str = ".", source_path: Optional[str] = None) -> JobSpec:
     """Validates a parsed YAML document and returns the frozen JobSpec."""
     _check_keys(raw, _TOP_FIELDS, "")
@@ -381,7 +437,13 @@ def parse_spec(raw: Any, *, base_dir: str = ".", source_path: Optional[str] = No
     outputs, names = [], set()
     for i, o in enumerate(outs_raw):
         f = f"outputs[{i}]"
-        _check_keys(o, ("name", "partition_keys", "metrics", "bounds", "selection",
+        if isinstance(o, Mapping) and o.get("kind", "aggregate") != "aggregate":
+            out = _parse_special_output(o, f, base_dir)
+            _require(out.name not in names, f"{f}.name", f"duplicate output name {out.name!r}")
+            names.add(out.name)
+            outputs.append(out)
+            continue
+        _check_keys(o, ("name", "kind", "partition_keys", "metrics", "bounds", "selection",
                         "budget_weight", "filter"), f)
         name = o.get("name")
         _require(isinstance(name, str) and bool(_NAME_RE.match(name)), f"{f}.name",
