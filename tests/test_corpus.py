@@ -1,6 +1,7 @@
 """Text corpus: rendered from ReleasedTable only, wording carries the noise, deterministic."""
 import json
 import os
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -113,6 +114,9 @@ def test_hooks_for_neighbours_and_searches(released, catalog):
                           '(about 800 shoppers, ±21).'
     assert searches[1].startswith('Popular searches in the electronics category on 2026-12-02: "wireless earbuds"')
     assert '"usb cable"' in searches[1] and "rare thing" not in searches[1]
+    assert C._clean_query("a\u202eb\tc  " + "x" * 200).startswith("a b c x") and \
+        len(C._clean_query("x" * 200)) == C.MAX_QUERY_CHARS
+    assert C._clean_query("می\u200cخواهم") == "می\u200cخواهم"  # ZWNJ kept (Persian)
     table, dp = neighbours_release("bought_together_neighbours")
     rt = ReleasedTable.from_release_step(table, dp)
     assert C.also_viewed(rt)[0]["kind"] == "also_bought"
@@ -131,7 +135,7 @@ def test_records_carry_provenance(released, tmp_path):
     by_kind = {r["kind"]: r["provenance"] for r in records}
     assert by_kind["product_summary"]["epsilon"] == 2.0 and by_kind["also_viewed"]["epsilon"] == 0.5
     path = C.write_corpus(records, str(tmp_path / "c" / "corpus.jsonl"))
-    lines = open(path, encoding="utf-8").read().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(records) and json.loads(lines[0]) == records[0]
 
 

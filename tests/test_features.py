@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -74,7 +75,7 @@ def write_release(root, tables: dict, *, date=DATE, job="nightly", run_id="run-1
         md[b"clickdp.dp"] = json.dumps(dp, sort_keys=True).encode()
         pq.write_table(table.replace_schema_metadata(md), path)
         files.append({"output": output, "path": path, "rows": table.num_rows,
-                      "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()})
+                      "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
     mdir = os.path.join(root, "_manifests", job)
     os.makedirs(mdir, exist_ok=True)
     eps = sum(dp["epsilon"] for _, dp in tables.values())
@@ -235,7 +236,7 @@ def test_delta_method_std_and_interval_match_simulation():
     v = true_v + rng.laplace(0, b, n)
     a = true_a + rng.laplace(0, b, n)
     std_b = b * math.sqrt(2)
-    value, std, low, high = F.ratio_feature(a, np.full(n, std_b), v, np.full(n, std_b), np.ones(n, bool), True)
+    _, std, low, high = F.ratio_feature(a, np.full(n, std_b), v, np.full(n, std_b), np.ones(n, bool), True)
     emp = np.std(a / v)
     assert np.median(std) == pytest.approx(emp, rel=0.03)
     coverage = np.mean((low <= true_a / true_v) & (true_a / true_v <= high))
@@ -257,7 +258,7 @@ def test_missing_and_renamed_metrics_are_handled(tmp_path):
 
 def test_unknown_metrics_pass_through(tmp_path):
     metrics = PRODUCT_METRICS[:1] + [{"name": "wishlist_adds", "type": "count", "filter": None}]
-    table, dp = product_release(PRODUCT_METRICS)
+    table, _ = product_release(PRODUCT_METRICS)
     t2 = released_table({"product_id": table.column("product_id").to_pylist()}, metrics,
                         {"views": [1, 2, 3, 4], "wishlist_adds": [5, 6, 7, 8]}, {"views": 1.0, "wishlist_adds": 2.0},
                         "product_day")
@@ -278,7 +279,7 @@ def test_category_features_and_wrong_table(release):
 
 
 def test_written_features_carry_provenance_and_no_extra_budget(release, tmp_path):
-    root, released = release
+    _, released = release
     paths = F.build_all(released, str(tmp_path / "features"))
     assert [os.path.relpath(p, tmp_path / "features") for p in paths] == [
         f"product_features/dt={DATE}/part-00000.parquet", f"category_features/dt={DATE}/part-00000.parquet"]

@@ -9,6 +9,8 @@
    job runs through Beam's job API against Beam's local job service (a subprocess on
    localhost) with the LOOPBACK environment, and its released tables, counters and dead
    letters are compared with a local FnApiRunner run on the same data.
+3. deploy/clickdp-nightly.sh, the cron/systemd entry point: retry policy, lock, day guard,
+   and a real local run followed by a rerun that must change nothing.
 
 No test here touches the network except the loopback interface (a guard fails the test
 on any other connection made through Python sockets), and every server is stopped.
@@ -31,7 +33,6 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -103,8 +104,8 @@ def _released_state(out) -> dict:
 # 1. DataflowRunner against a fake Dataflow API
 # --------------------------------------------------------------------------------------
 class FakeDataflow:
-    """Stands in for the Dataflow v1b3 REST API on 127.0.0.1 (Beam >= 2.5x talks REST to an
-    endpoint containing 'localhost'). Records every request; answers create-job with a job
+    """Stands in for the Dataflow v1b3 REST API on 127.0.0.1 (Beam 2.77's client speaks REST,
+    not gRPC, to an endpoint containing 'localhost'). Records every request; answers create-job with a job
     in ``final_state`` so the client stops without polling; get-job, messages and metrics
     get minimal valid answers; anything else gets a 404 (and is recorded)."""
 
@@ -122,7 +123,7 @@ class FakeDataflow:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_POST(self):  # noqa: N802 - http.server's naming
+            def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n) or b"{}")
                 path = self.path.split("?")[0]
@@ -134,7 +135,7 @@ class FakeDataflow:
                                   "name": body.get("name"), "clientRequestId": body.get("clientRequestId"),
                                   "currentState": fake.final_state})
 
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 path = self.path.split("?")[0]
                 fake.requests.append(("GET", path, None))
                 if path.endswith("/messages"):
@@ -183,6 +184,7 @@ def _dataflow_args(port, staging, temp, *extra):
 def test_dataflow_job_request_captured_offline(data, tmp_path, loopback_only):
     from apache_beam.portability import common_urns
     from apache_beam.portability.api import beam_runner_api_pb2
+
     from pipelines import nightly
 
     base, _ = data
@@ -239,7 +241,7 @@ def test_dataflow_job_request_captured_offline(data, tmp_path, loopback_only):
         members = tar.getnames()
         pkg_info = next(m for m in members if m.count("/") == 1 and m.endswith("/PKG-INFO"))
         meta = tar.extractfile(pkg_info).read().decode()
-    assert re.search(r"^Name: clickstream[-_]dp$", meta, re.M), meta[:300]
+    assert re.search(r"^Name: clickstream[-_]dp$", meta, re.MULTILINE), meta[:300]
     for module in ("pipelines/nightly.py", "transforms/beam_ops.py", "transforms/coders.py", "setup.py"):
         assert any(m.endswith("/" + module) for m in members), f"{module} not in workflow.tar.gz"
 
@@ -248,42 +250,19 @@ def test_dataflow_job_request_captured_offline(data, tmp_path, loopback_only):
     assert _released_state(out) == {"tables": [], "manifests": []}
 
 
-# `python -m pipelines.nightly ARGS` with the same loopback-only guard as in-process tests.
-_GUARDED_MAIN = """
-import ipaddress, runpy, socket, sys
-_connect = socket.socket.connect
-def connect(sock, address):
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        host = address[0]
-        try:
-            ok = ipaddress.ip_address(host.split('%')[0]).is_loopback
-        except ValueError:
-            ok = host == 'localhost'
-        if not ok:
-            print('BLOCKED non-loopback connection to %r' % (address,), file=sys.stderr)
-            raise OSError('blocked by test_runners')
-    return _connect(sock, address)
-socket.socket.connect = connect
-sys.argv = ['pipelines.nightly'] + sys.argv[1:]
-runpy.run_module('pipelines.nightly', run_name='__main__', alter_sys=True)
-"""
-
-
-def test_failed_dataflow_job_exits_nonzero_and_publishes_nothing(data, tmp_path):
-    """What a scheduler sees when the Dataflow job fails: exit code 1, nothing published."""
+def test_failed_dataflow_job_exits_nonzero_and_publishes_nothing(data, tmp_path, loopback_only):
+    """What a scheduler sees when the Dataflow job fails: exit code 1 (`python -m
+    pipelines.nightly` exits with run(argv).exit_code), nothing published."""
+    from pipelines import nightly
     base, _ = data
     out = tmp_path / "out"
     (tmp_path / "staging").mkdir()
     with FakeDataflow("JOB_STATE_FAILED") as fake:
-        proc = subprocess.run(
-            [sys.executable, "-c", _GUARDED_MAIN, "--spec", SPEC, "--input", str(base / "data" / "events"),
-             "--output", str(out), "--date", DATE.isoformat(),
-             *_dataflow_args(fake.port, tmp_path / "staging", tmp_path / "staging")],
-            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "BLOCKED" not in proc.stderr, proc.stderr[-3000:]
+        code = nightly.run(["--spec", SPEC, "--input", str(base / "data" / "events"), "--output", str(out),
+                            "--date", DATE.isoformat(),
+                            *_dataflow_args(fake.port, tmp_path / "staging", tmp_path / "staging")]).exit_code
     assert len(fake.create_job_requests()) == 1
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-    assert "FAILED" in proc.stderr
+    assert code == nightly.EXIT_FAILURE == 1
     assert _released_state(out) == {"tables": [], "manifests": []}
 
 
@@ -296,7 +275,7 @@ class LocalJobService:
 
     def __init__(self, log_path):
         self.log_path = log_path
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 - the service writes to it until stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port", "0"],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -305,7 +284,8 @@ class LocalJobService:
     def endpoint(self, timeout=90.0) -> str:
         deadline = time.time() + timeout
         while self._endpoint is None:
-            text = open(self.log_path).read()
+            with open(self.log_path) as fh:
+                text = fh.read()
             m = re.search(r"Listening for beam jobs on port (\d+)", text)
             if m:
                 self._endpoint = f"localhost:{m.group(1)}"
@@ -448,9 +428,98 @@ def test_job_api_run_matches_local_run(runner, data, local_run, job_service, tmp
             == tp.num_rows == tl.num_rows
 
     # Manifests describe the same release.
-    man_p = json.loads(open(portable.manifest_path).read())
-    man_l = json.loads(open(local.manifest_path).read())
+    with open(portable.manifest_path) as fp, open(local.manifest_path) as fl:
+        man_p, man_l = json.load(fp), json.load(fl)
     for k in ("job", "date", "spec_hash", "budget", "outputs"):
         assert man_p[k] == man_l[k], k
     assert sorted((f["output"], f["rows"]) for f in man_p["files"]) == \
         sorted((f["output"], f["rows"]) for f in man_l["files"])
+
+
+# --------------------------------------------------------------------------------------
+# 3. The cron/systemd entry point (deploy/clickdp-nightly.sh)
+# --------------------------------------------------------------------------------------
+SCRIPT = os.path.join(ROOT, "deploy", "clickdp-nightly.sh")
+
+
+def _script_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKDP_")}
+    env.update({"CLICKDP_HOME": ROOT, "CLICKDP_SPEC": SPEC, "CLICKDP_LOCK": str(tmp_path / "nightly.lock"),
+                "CLICKDP_LEDGER": str(tmp_path / "ledger.sqlite"), "CLICKDP_OUTPUT": str(tmp_path / "out"),
+                "CLICKDP_QUARANTINE": str(tmp_path / "quarantine")})
+    env.update(extra)
+    return env
+
+
+def _fake_python(tmp_path, codes):
+    """A stand-in for the clickdp Python: records its argv, exits with the next code."""
+    (tmp_path / "codes").write_text("\n".join(str(c) for c in codes) + "\n")
+    fake = tmp_path / "fake-python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f"printf '%s\\n' \"$*\" >> {tmp_path}/calls\n"
+        f"code=$(head -n1 {tmp_path}/codes); sed -i 1d {tmp_path}/codes\n"
+        "exit \"${code:-0}\"\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def _calls(tmp_path):
+    path = tmp_path / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("codes,attempts,expected_rc,expected_calls", [
+    ([0], 3, 0, 1),             # published (or already released: --skip-if-released)
+    ([1, 0], 3, 0, 2),          # failed (nothing published): retried for the same day
+    ([3, 3, 3], 3, 3, 3),       # input missing every time: gives up after the attempts
+    ([4], 3, 4, 1),             # refused by the ledger: final, for a human
+    ([2], 3, 2, 1),             # bad spec: final
+])
+def test_nightly_script_retry_policy(tmp_path, codes, attempts, expected_rc, expected_calls):
+    env = _script_env(tmp_path, CLICKDP_PYTHON=_fake_python(tmp_path, codes),
+                      CLICKDP_ATTEMPTS=str(attempts), CLICKDP_RETRY_DELAY="0")
+    proc = subprocess.run(["bash", SCRIPT, "2026-12-02"], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == expected_rc, proc.stderr
+    calls = _calls(tmp_path)
+    assert len(calls) == expected_calls
+    for call in calls:  # every attempt is the same day, never forced
+        assert "--date 2026-12-02" in call and "--skip-if-released" in call and "force" not in call
+        assert "--runner DataflowRunner" in call and "--job_name clickdp-nightly-20261202" in call
+        assert "--setup_file " + os.path.join(ROOT, "setup.py") in call
+        assert "--input gs://clickdp-data/raw/dt=2026-12-02/*.parquet" in call
+
+
+def test_nightly_script_refuses_unfinished_day_and_concurrent_run(tmp_path):
+    env = _script_env(tmp_path, CLICKDP_PYTHON=_fake_python(tmp_path, [0]))
+    utc_today = datetime.datetime.now(datetime.timezone.utc).date()  # noqa: UP017 (Python 3.10)
+    today = utc_today.isoformat()
+    proc = subprocess.run(["bash", SCRIPT, today], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not over yet" in proc.stderr and not _calls(tmp_path)
+    # Default day: yesterday (UTC).
+    proc = subprocess.run(["bash", SCRIPT], env=env, check=False, capture_output=True, text=True, timeout=60)
+    yesterday = (utc_today - datetime.timedelta(days=1)).isoformat()
+    assert proc.returncode == 0 and f"--date {yesterday}" in _calls(tmp_path)[0]
+    # A run still holding the lock blocks the next one.
+    with open(tmp_path / "nightly.lock", "a") as lock:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = subprocess.run(["bash", SCRIPT, "2026-12-02"], env=env, check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and "another run" in proc.stderr and len(_calls(tmp_path)) == 1
+
+
+def test_nightly_script_publishes_once(data, tmp_path):
+    """The real thing, locally: the script releases the day; run again (as cron would after
+    a crash, or by hand), it does nothing and the release stands."""
+    base, _ = data
+    env = _script_env(tmp_path, CLICKDP_PYTHON=sys.executable, CLICKDP_BEAM_ARGS="--runner FnApiRunner",
+                      CLICKDP_INPUT=str(base / "data" / "events"), CLICKDP_ATTEMPTS="1")
+    proc = subprocess.run(["bash", SCRIPT, DATE.isoformat()], env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = tmp_path / "out" / "_manifests" / "nightly" / f"dt={DATE}.json"
+    first = json.loads(manifest.read_text())
+    proc = subprocess.run(["bash", SCRIPT, DATE.isoformat()], env=env, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "already released" in proc.stdout + proc.stderr
+    assert json.loads(manifest.read_text())["run_id"] == first["run_id"]
+    assert _released_state(tmp_path / "out")["tables"] == [f"category_day/dt={DATE}", f"product_day/dt={DATE}"]

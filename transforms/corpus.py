@@ -119,15 +119,25 @@ class _Metric:
         return cls(rt.values(metric), half_width_95(rt.stds(metric), rt.noise), low, high)
 
     def identified(self, i: int) -> bool:
-        """The 95% interval excludes 0, and so does the rounded wording ('about 100 (±120)' would not)."""
+        """The 95% interval excludes 0, and so does its rounded wording: 'about 100 (±120)' or an interval
+        shown as '0% to 100%' would not."""
         step = _step(self.half[i])
-        return bool(self.low[i] > 0 and round(self.value[i] / step) * step > self.half[i])
+        return bool(self.low[i] > 0 and round(self.value[i] / step) * step > self.half[i]
+                    and round(self.low[i] / step) * step > 0)
+
+
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def _clean_query(q) -> Optional[str]:
+    """For rendering only: control / unassigned characters and bidi overrides become spaces (format
+    characters such as the zero-width joiners that some scripts need are kept), whitespace collapses and
+    the text is cut at MAX_QUERY_CHARS. Queries are normalized and scrubbed before release; this is a
+    second guard for the text, not the privacy mechanism."""
     if q is None:
         return None
-    text = "".join(ch if not unicodedata.category(ch).startswith("C") else " " for ch in str(q))
+    text = "".join(" " if ch in _BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") else ch
+                   for ch in str(q))
     text = re.sub(r"\s+", " ", text).strip()
     if len(text) > MAX_QUERY_CHARS:
         text = text[:MAX_QUERY_CHARS - 1].rstrip() + "…"

@@ -127,14 +127,14 @@ def plot_budget(mechanisms: list, out_path: str, title: str) -> str:
 
 def plot_relative_errors(rt: ReleasedTable, out_path: str) -> str:
     plt = _pyplot()
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import NullLocator
     size = size_metric(rt)
     bins, labels = size_bins(rt.values(size))
     order = sorted(labels)
     n = len(rt.metrics)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows + 0.8), squeeze=False)
     for ax, metric in zip(axes.flat, rt.metrics):
         rel = relative_errors(rt, metric)
         data = [rel[bins == d] for d in order]
@@ -143,8 +143,12 @@ def plot_relative_errors(rt: ReleasedTable, out_path: str) -> str:
         ax.set_xticks(range(1, len(order) + 1), [f"{labels[d]}\n(n={int((bins == d).sum())})" for d in order],
                       fontsize=8)
         ax.set_yscale("log")
-        ax.set_ylim(top=REL_ERR_CAP * 1.5)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{100 * y:g}%"))
+        finite = rel[np.isfinite(rel) & (rel > 0)]
+        bottom = 10.0 ** math.floor(math.log10(max(finite.min(), 1e-4))) if len(finite) else 0.01
+        ax.set_ylim(bottom, REL_ERR_CAP * 1.5)
+        ticks = [10.0 ** k for k in range(int(round(math.log10(bottom))), int(math.log10(REL_ERR_CAP)) + 1)]
+        ax.set_yticks(ticks, [f"{100 * t:g}%" for t in ticks])
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.axhline(1.0, color="crimson", lw=0.8, ls="--")
         ax.axhline(0.1, color="grey", lw=0.6, ls=":")
         ax.set_title(f"{metric} ({rt.metric_info(metric).get('type')})", fontsize=10)
@@ -155,7 +159,8 @@ def plot_relative_errors(rt: ReleasedTable, out_path: str) -> str:
     fig.suptitle(f"{rt.output} {rt.date}: expected relative error by partition size (noisy {size})\n"
                  f"boxes: quartiles, whiskers: 5-95%; red line: error = value, grey: 10%; "
                  f"{_pct(REL_ERR_CAP)} = noisy value about 0", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.7 / fig.get_figheight(), top=1 - 1.05 / fig.get_figheight(),
+                        wspace=0.3, hspace=0.5)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
     return out_path
