@@ -66,7 +66,28 @@ def needed_columns(spec: JobSpec) -> list:
     cols = set()
     for o in spec.outputs:
         cols.update(o.needed_columns)
+    if spec.local_outputs:
+        cols.update(("event_type", "category", "price"))
     return sorted(cols)
+
+
+def local_dp_rows(view: "bounding.ShardView", lo, pseudonym_key: Optional[bytes]) -> pa.Table:
+    """One randomized row per unit of the shard (local DP), from all of its rows."""
+    from transforms import local_dp
+    etype_codes, etype_dict = view.codes("event_type")
+    t = view.table
+    events_t = pa.table({
+        # The unit hash stands in for user_id: a deterministic function of it, so a keyed
+        # pseudonym of it is as stable across days as one of the raw id, and the raw id
+        # never has to travel past the first step.
+        "user_id": pc.cast(t.column(UNIT), pa.string()),
+        "event_type": etype_dict.take(pa.array(np.maximum(etype_codes, 0))),
+        "category": t.column("category"),
+        "price": t.column("price"),
+    })
+    config = local_dp.LocalDPConfig(epsilon=lo.epsilon, categories=lo.categories,
+                                    category_mode=lo.category_mode, activity_clip=lo.activity_clip)
+    return local_dp.local_dp_features(events_t, config, row_key=lo.row_key, pseudonym_key=pseudonym_key)
 
 
 def split_by_key(table: pa.Table, keys: np.ndarray, n: int) -> Iterable[Tuple[int, pa.Table]]:
@@ -201,6 +222,13 @@ class BoundAndAggregateFn(beam.DoFn):
         self.spec = spec
         self.public_keys = public_keys
         self.n_buckets = n_buckets
+        self.pseudonym_key = None
+
+    def setup(self):
+        # The HMAC key is read on the worker at run time and never put in the pipeline graph.
+        if any(lo.row_key == "pseudonym" for lo in self.spec.local_outputs):
+            from transforms import local_dp
+            self.pseudonym_key = local_dp.pseudonym_key_from_env()
 
     def process(self, element):
         shard, batches = element
@@ -223,6 +251,12 @@ class BoundAndAggregateFn(beam.DoFn):
                 keys = partial.column(bounding.KEY_HASH).to_numpy()
                 out.extend(((output.name, bucket), part)
                            for bucket, part in split_by_key(partial, keys, self.n_buckets))
+        if self.spec.local_outputs:
+            with stage_timer("local_dp"):
+                local = [(lo.name, local_dp_rows(view, lo, self.pseudonym_key)) for lo in self.spec.local_outputs]
+            for name, rows in local:
+                counter(f"local:{name}:rows").inc(rows.num_rows)
+                yield beam.pvalue.TaggedOutput("local", (name, rows))
         yield from out
 
 
@@ -295,6 +329,29 @@ class WriteReleasedFn(beam.DoFn):
         yield path
 
 
+class WriteLocalDPFn(beam.DoFn):
+    """Writes one local-DP output (randomized per-user rows) to staging."""
+
+    def __init__(self, staging_dir: str, date: datetime.date, file_metadata: dict):
+        self.staging_dir = staging_dir
+        self.date = date
+        self.file_metadata = file_metadata
+
+    def process(self, element):
+        name, tables = element
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return
+        table = pa.concat_tables(tables, promote_options="default")
+        meta = dict(table.schema.metadata or {})
+        meta[b"clickdp.dp"] = json.dumps(self.file_metadata.get(name, {}), sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+        path = FileSystems.join(self.staging_dir, name, f"dt={self.date.isoformat()}", "part-00000.parquet")
+        with FileSystems.create(path) as fh:
+            pq.write_table(table, fh, compression="zstd")
+        yield path
+
+
 class WriteDeadLettersFn(beam.DoFn):
     """Writes rejected rows to the quarantine location (never published)."""
 
@@ -333,11 +390,18 @@ class NightlyRelease(beam.PTransform):
         read.valid.element_type = Tuple[int, pa.RecordBatch]
         _ = (read.dead
              | "WriteDeadLetters" >> beam.ParDo(WriteDeadLettersFn(self.dead_dir)))
-        partials = (read.valid
-                    | "GroupByUnitShard" >> beam.GroupByKey()
-                    | "BoundAndAggregate" >> beam.ParDo(
-                        BoundAndAggregateFn(spec, self.public_keys, self.n_buckets)
-                    ).with_output_types(Tuple[Tuple[str, int], pa.Table]))
+        bounded = (read.valid
+                   | "GroupByUnitShard" >> beam.GroupByKey()
+                   | "BoundAndAggregate" >> beam.ParDo(
+                       BoundAndAggregateFn(spec, self.public_keys, self.n_buckets)
+                   ).with_outputs("local", main="partials"))
+        partials = bounded.partials
+        partials.element_type = Tuple[Tuple[str, int], pa.Table]
+        if spec.local_outputs:
+            bounded.local.element_type = Tuple[str, pa.Table]
+            _ = (bounded.local
+                 | "GroupLocalDP" >> beam.GroupByKey()
+                 | "WriteLocalDP" >> beam.ParDo(WriteLocalDPFn(self.staging_dir, self.date, self.file_metadata)))
         # One empty partial per (output, bucket) so that every bucket is released
         # (public partitions without data) and every output gets a file.
         seeds = [(o.name, b) for o in spec.outputs for b in range(self.n_buckets)]

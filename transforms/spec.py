@@ -329,6 +329,8 @@ class JobSpec:
     source_path: Optional[str] = None
     # Ledger settings (window and cap) are read here so the spec is validated whole.
     ledger: LedgerConfig = LedgerConfig()
+    # Per-user local-DP feature tables: their own guarantee, outside the central budget.
+    local_outputs: tuple = ()
 
     @property
     def ledger_accountant(self) -> str:
@@ -349,7 +351,57 @@ _TOP_FIELDS = ("job", "privacy_unit", "budget", "noise", "accountant", "column_m
                "contribution_bounds", "outputs", "post_processing", "ledger")
 
 
-OUTPUT_KINDS = ("aggregate", "pairs", "queries")
+OUTPUT_KINDS = ("aggregate", "pairs", "queries", "local_dp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalOutput:
+    """Per-user local-DP feature vectors: each shopper's row randomized on its own.
+
+    The guarantee is local: every row's values are epsilon-LDP. Which shoppers have a
+    row (and how many rows there are) is NOT hidden, so this is not the add/remove
+    guarantee of the central outputs; it is charged to the ledger as its own epsilon.
+    """
+
+    name: str
+    epsilon: float
+    categories: tuple
+    row_key: str = "none"  # none | pseudonym (HMAC with a key given at run time)
+    category_mode: str = "top_krr"
+    activity_clip: int = 20
+
+    @staticmethod
+    def parse(o: Mapping, f: str, base_dir: str) -> "LocalOutput":
+        _check_keys(o, ("name", "kind", "local_dp"), f)
+        name = o.get("name")
+        _require(isinstance(name, str) and bool(_NAME_RE.match(name)), f"{f}.name",
+                 f"must be a lower_snake_case identifier, got {name!r}")
+        opts = o.get("local_dp") or {}
+        _check_keys(opts, ("epsilon", "categories_file", "row_key", "category_mode", "activity_clip"),
+                    f"{f}.local_dp")
+        _require("epsilon" in opts, f"{f}.local_dp.epsilon", "is required (the per-user local epsilon)")
+        eps = _number(opts["epsilon"], f"{f}.local_dp.epsilon")
+        _require(eps > 0, f"{f}.local_dp.epsilon", f"must be > 0, got {eps:g}")
+        path = opts.get("categories_file")
+        _require(isinstance(path, str) and path != "", f"{f}.local_dp.categories_file",
+                 "is required: the PUBLIC category list (one per line)")
+        path = os.path.expandvars(path)
+        if not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(base_dir, path))
+        try:
+            with open(path, encoding="utf-8") as fh:
+                cats = tuple(dict.fromkeys(ln.strip() for ln in fh if ln.strip()))
+        except OSError as exc:
+            raise SpecError(f"{f}.local_dp.categories_file", f"cannot read {path}: {exc}") from None
+        _require(len(cats) > 0, f"{f}.local_dp.categories_file", f"{path} lists no categories")
+        row_key = opts.get("row_key", "none")
+        _require(row_key in ("none", "pseudonym"), f"{f}.local_dp.row_key",
+                 f"must be 'none' or 'pseudonym', got {row_key!r}")
+        mode = opts.get("category_mode", "top_krr")
+        _require(mode in ("histogram", "top_krr"), f"{f}.local_dp.category_mode",
+                 f"must be 'histogram' or 'top_krr', got {mode!r}")
+        clip = _int(opts.get("activity_clip", 20), f"{f}.local_dp.activity_clip", 1)
+        return LocalOutput(name, eps, cats, row_key, mode, clip)
 _PAIR_TYPES = ("viewed", "bought")
 
 
@@ -433,10 +485,20 @@ def parse_spec(raw: Any, *, base_dir: str = ".", source_path: Optional[str] = No
     post = PostProcessing(**pp_raw)
 
     outs_raw = raw.get("outputs")
+    _require(isinstance(outs_raw, list) and any(
+        isinstance(o, Mapping) and o.get("kind") != "local_dp" for o in outs_raw), "outputs",
+        "must list at least one centrally private output (aggregate, pairs or queries)")
     _require(isinstance(outs_raw, list) and len(outs_raw) > 0, "outputs", "must be a non-empty list")
     outputs, names = [], set()
+    local_outputs = []
     for i, o in enumerate(outs_raw):
         f = f"outputs[{i}]"
+        if isinstance(o, Mapping) and o.get("kind") == "local_dp":
+            lo = LocalOutput.parse(o, f, base_dir)
+            _require(lo.name not in names, f"{f}.name", f"duplicate output name {lo.name!r}")
+            names.add(lo.name)
+            local_outputs.append(lo)
+            continue
         if isinstance(o, Mapping) and o.get("kind", "aggregate") != "aggregate":
             out = _parse_special_output(o, f, base_dir)
             _require(out.name not in names, f"{f}.name", f"duplicate output name {out.name!r}")
@@ -490,7 +552,8 @@ def parse_spec(raw: Any, *, base_dir: str = ".", source_path: Optional[str] = No
     return JobSpec(
         job=job, privacy_unit=unit, epsilon=eps, delta=delta, noise=noise, accountant=accountant,
         column_mapping=tuple(sorted(mapping.items())), outputs=tuple(outputs), post_processing=post,
-        spec_hash=hashlib.sha256(canonical).hexdigest()[:16], source_path=source_path, ledger=ledger)
+        spec_hash=hashlib.sha256(canonical).hexdigest()[:16], source_path=source_path, ledger=ledger,
+        local_outputs=tuple(local_outputs))
 
 
 def load_spec(path: str) -> JobSpec:
