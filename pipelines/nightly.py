@@ -1,12 +1,36 @@
 """Nightly DP release of one day of clickstream events.
 
-    python -m pipelines.nightly --spec configs/nightly.yaml --input 'data/*.parquet' \
-        --output out/ --date 2026-12-02 [Beam options, e.g. --runner DataflowRunner ...]
+    python -m pipelines.nightly --spec configs/nightly.yaml --input 'data/*.parquet' \\
+        --output out/ --date 2026-12-02 [--ledger PATH] [Beam options, e.g. --runner DataflowRunner ...]
 
 Everything that can be checked is checked before the pipeline starts: the spec,
-the budget plan, the inputs' readability and required columns, public key
-files, and whether the date was already released. Outputs are written to a
-staging directory and published only after the Beam job has succeeded.
+the budget plan, the date (not in the future), the privacy ledger (window cap,
+released-once), the inputs' readability and required columns, public key files.
+The run then reserves its budget in the ledger (one SQLite transaction), writes
+its outputs to ``<output>/_staging/<run_id>/`` and, only after the Beam job has
+succeeded, publishes them (see "Publish protocol" below) and marks the ledger
+entry released.
+
+Publish protocol (local filesystem)
+    1. ``_staging/<run_id>/_OWNER.json``: pid, host and process start time of the run.
+    2. The Beam job writes ``_staging/<run_id>/<output>/dt=D/part-*.parquet``.
+    3. The manifest is computed from the staged files (rows, sha256, final paths).
+    4. ``_staging/<run_id>/_PUBLISH.json`` (the journal) lists the moves.
+    5. Each output directory is moved into place with ``os.replace`` (a re-released
+       directory is first moved aside into the staging dir).
+    6. The manifest ``_manifests/<job>/dt=D.json`` is written (temp file + ``os.replace``):
+       THIS is the commit point. A release without its manifest does not exist.
+    7. The ledger row becomes released; the staging dir is removed.
+    Every start recovers the output root first: a staging dir whose run is dead is
+    rolled back if its manifest was never written (moved directories are removed, a
+    moved-aside old release is put back, the ledger row becomes aborted), or completed
+    if it was (the ledger row becomes released); then the dir is removed. So a run
+    killed at any point leaves either its whole release (manifest present) or none
+    of it, once the next run (or ``clickdp ledger verify``) has started.
+
+Exit codes: 0 published (or nothing to do), 1 failure (nothing published),
+2 bad spec or arguments (including a date in the future), 3 bad input,
+4 refused by the ledger or release rules.
 """
 from __future__ import annotations
 
@@ -17,6 +41,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import time
 import uuid
@@ -29,8 +55,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms import beam_ops, readers
-from transforms.budget import BudgetPlan, plan_budget
+from transforms import accounting, beam_ops, readers
+from transforms import ledger as ledger_lib
+from transforms.budget import BudgetPlan
 from transforms.spec import JobSpec, SpecError, load_spec
 
 LOG = logging.getLogger("clickdp")
@@ -44,6 +71,14 @@ EXIT_REFUSED = 4
 DEFAULT_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "nightly.yaml")
 NO_NOISE_ENV = "CLICKDP_ALLOW_NO_NOISE"
+# Test-only: kill the process (os._exit(137), like kill -9) at a named point of the run.
+CRASH_ENV = "CLICKDP_TEST_CRASH_AT"
+CRASH_POINTS = ("after_reserve", "before_publish", "mid_publish", "after_publish_before_ledger")
+JOURNAL = "_PUBLISH.json"
+OWNER = "_OWNER.json"
+# A staging dir with neither an owner file nor a ledger row is only touched once this old.
+_ORPHAN_AGE_SECONDS = 600
+_RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class RefusedError(RuntimeError):
@@ -60,24 +95,35 @@ class RunResult:
     message: str = ""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, *, date_required: bool = True) -> None:
     parser.add_argument("--spec", default=DEFAULT_SPEC, help="job spec YAML (default: configs/nightly.yaml)")
     parser.add_argument("--input", action="append", required=True,
                         help="input file, directory or glob (Parquet, JSONL, CSV); repeatable")
     parser.add_argument("--output", required=True, help="release root (local path or gs://...)")
-    parser.add_argument("--date", required=True, type=_parse_date, help="the UTC day to release, YYYY-MM-DD")
+    if date_required:
+        parser.add_argument("--date", required=True, type=_parse_date, help="the UTC day to release, YYYY-MM-DD")
     parser.add_argument("--quarantine", default=None,
                         help="where dead letters and operator-only run summaries go "
                              "(never published; default: <output>_quarantine)")
+    parser.add_argument("--ledger", default=None,
+                        help="privacy ledger (SQLite file; default: the spec's ledger.path, else "
+                             "<quarantine>/_ledger/ledger.sqlite)")
     parser.add_argument("--public-keys", action="append", default=[], metavar="OUTPUT=PATH",
                         help="override the keys_file of a public-partition output")
     parser.add_argument("--force-rerelease", action="store_true",
                         help="release a date that was already released (spends budget again)")
+    parser.add_argument("--skip-if-released", action="store_true",
+                        help="exit 0 without doing anything if the date is already released with the same "
+                             "spec (for scheduler retries and backfills)")
     parser.add_argument("--shards", type=int, default=8, help="privacy-unit shards (default 8)")
     parser.add_argument("--buckets", type=int, default=8, help="partition-key buckets (default 8)")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per read batch")
     parser.add_argument("--noise-sampler", choices=("secure", "pydp"), default="secure",
                         help="secure: vectorized CSPRNG sampler (default); pydp: python-dp reference")
+    parser.add_argument("--catalog", default=None,
+                        help="public product catalog CSV (product_id, category) used by the text corpus")
+    parser.add_argument("--no-postprocess", action="store_true",
+                        help="skip neighbours/features/corpus/report after publishing")
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--unsafe-no-noise-for-tests", action="store_true", help=argparse.SUPPRESS)
 
@@ -89,8 +135,41 @@ def _parse_date(text: str) -> datetime.date:
         raise argparse.ArgumentTypeError(f"--date must be YYYY-MM-DD, got {text!r}") from None
 
 
+def utc_today() -> datetime.date:
+    return datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def check_not_future(date: datetime.date, flag: str = "--date") -> None:
+    today = utc_today()
+    if date > today:
+        raise SpecError(flag, f"{date} is in the future (today is {today} UTC); a day can only be released "
+                              "once it has happened")
+
+
 def _default_quarantine(output: str) -> str:
     return output.rstrip("/") + "_quarantine"
+
+
+def ledger_path_for(spec: Optional[JobSpec], ledger: Optional[str], quarantine: str) -> str:
+    if ledger:
+        return ledger
+    if spec is not None and spec.ledger.path:
+        return spec.ledger.path
+    return ledger_lib.default_path(quarantine)
+
+
+def log_event(event: str, **fields) -> None:
+    """One structured (JSON) log line on stderr."""
+    rec = {"ts": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+           "event": event, **fields}
+    LOG.info(json.dumps(rec, default=str))
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(137)
 
 
 def load_public_keys(spec: JobSpec, overrides: list) -> dict:
@@ -131,7 +210,7 @@ def _file_metadata(spec: JobSpec, plan: BudgetPlan, date: datetime.date, run_id:
         meta[o.name] = {
             "job": spec.job, "date": date.isoformat(), "run_id": run_id, "spec_hash": spec.spec_hash,
             "output": o.name, "epsilon": ob.epsilon, "delta": ob.delta, "noise": spec.noise,
-            "privacy_unit": spec.privacy_unit,
+            "accountant": spec.accountant, "privacy_unit": spec.privacy_unit,
             "bounds": dataclasses.asdict(o.bounds),
             "partition_selection": {"type": o.selection.kind, "strategy": o.selection.strategy
                                     if o.selection.kind == "private" else None},
@@ -149,8 +228,14 @@ def _released_dir(output_root: str, name: str, date: datetime.date) -> str:
     return FileSystems.join(output_root, name, f"dt={date.isoformat()}")
 
 
-def _manifest_path(output_root: str, job: str, date: datetime.date) -> str:
+def manifest_path_for(output_root: str, job: str, date: datetime.date) -> str:
     return FileSystems.join(output_root, "_manifests", job, f"dt={date.isoformat()}.json")
+
+
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path
 
 
 def _exists(path: str) -> bool:
@@ -181,8 +266,43 @@ def _counters(result) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    with FileSystems.create(path) as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+    """Writes JSON so that a reader sees the old file or the new one, never a torn one:
+    temp file + fsync + os.replace locally; one object PUT on object stores."""
+    body = json.dumps(data, indent=2, sort_keys=True, default=str).encode()
+    if not _is_local(path):
+        with FileSystems.create(path) as fh:
+            fh.write(body)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with FileSystems.open(path) as fh:
+            return json.loads(fh.read().decode("utf-8"))
+    except Exception:  # noqa: BLE001 - missing or torn: absent
+        return None
 
 
 def _pipeline_options(beam_args: list) -> tuple:
@@ -203,15 +323,17 @@ def run(argv: Optional[list] = None) -> RunResult:
     try:
         return _run(args, beam_args)
     except SpecError as exc:
-        return _fail(EXIT_BAD_SPEC, f"bad job spec: {exc}")
+        return _fail(EXIT_BAD_SPEC, f"bad job spec or arguments: {exc}")
     except readers.InputError as exc:
         return _fail(EXIT_BAD_INPUT, f"bad input: {exc}")
-    except RefusedError as exc:
+    except (RefusedError, ledger_lib.LedgerRefused) as exc:
         return _fail(EXIT_REFUSED, f"refused: {exc}")
+    except ledger_lib.LedgerError as exc:
+        return _fail(EXIT_FAILURE, f"ledger: {exc}")
 
 
 def _fail(code: int, message: str) -> RunResult:
-    LOG.error(message)
+    log_event("error", exit_code=code, message=message)
     print(f"clickdp: {message}", file=sys.stderr)
     return RunResult(exit_code=code, message=message)
 
@@ -224,31 +346,129 @@ def _run(args, beam_args) -> RunResult:
     for flag, value in (("--shards", args.shards), ("--buckets", args.buckets), ("--batch-rows", args.batch_rows)):
         if value < 1:
             raise SpecError(flag, f"must be >= 1, got {value}")
+    if args.force_rerelease and args.skip_if_released:
+        raise SpecError("--skip-if-released", "contradicts --force-rerelease")
+    if args.run_id is not None and not _RUN_ID_RE.match(args.run_id):
+        raise SpecError("--run-id", f"must match {_RUN_ID_RE.pattern}, got {args.run_id!r}")
+    check_not_future(args.date)
     spec = load_spec(args.spec)
-    plan = plan_budget(spec)
+    plan = accounting.plan_for_spec(spec)
+    privacy = accounting.report(plan, spec.accountant)
+    events = accounting.mechanism_events(plan) + local_dp_events(spec)
+    if any(lo.row_key == "pseudonym" for lo in spec.local_outputs):
+        from transforms import local_dp
+        try:
+            local_dp.pseudonym_key_from_env()
+        except ValueError as exc:
+            raise SpecError("local_dp.row_key", f"pseudonym rows need a key at run time: {exc}") from None
     run_id = args.run_id or (f"{args.date.isoformat()}-{datetime.datetime.utcnow():%Y%m%dT%H%M%S}-"
                              f"{uuid.uuid4().hex[:8]}")
     output_root = args.output.rstrip("/")
     quarantine = (args.quarantine or _default_quarantine(output_root)).rstrip("/")
     if os.path.abspath(quarantine).startswith(os.path.abspath(output_root) + os.sep):
         raise SpecError("--quarantine", "must not be inside --output (dead letters are never published)")
+    ledger_path = ledger_path_for(spec, args.ledger, quarantine)
+    if not _is_local(ledger_path):
+        raise SpecError("--ledger", f"the privacy ledger is a local SQLite file, not {ledger_path}; with an "
+                                    "object-store --quarantine set --ledger (or ledger.path in the spec)")
+    if _is_local(output_root) and os.path.abspath(ledger_path).startswith(os.path.abspath(output_root) + os.sep):
+        raise SpecError("--ledger", "must not be inside --output (the ledger is never published)")
+    window = ledger_lib.Window.from_spec(spec)
+    manifest_path = manifest_path_for(output_root, spec.job, args.date)
+    log_event("plan", run_id=run_id, job=spec.job, date=args.date.isoformat(), accountant=spec.accountant,
+              epsilon=spec.epsilon, delta=spec.delta, epsilon_naive=privacy["epsilon_at_delta"]["naive"],
+              epsilon_pld=privacy["epsilon_at_delta"]["pld"], mechanisms=len(events))
 
-    # Checks before any data is read or any noise is drawn.
-    paths = readers.expand_inputs(args.input)
-    inputs = readers.preflight(paths, column_mapping=spec.mapping)
-    public_keys = load_public_keys(spec, args.public_keys)
-    already = [o.name for o in spec.outputs if _exists(_released_dir(output_root, o.name, args.date))]
-    if already and not args.force_rerelease:
-        raise RefusedError(
-            f"{args.date} is already released for output(s) {', '.join(already)} under {output_root}; "
-            "a second release with fresh noise would weaken the guarantee (averaging halves the noise). "
-            "Use --force-rerelease to release again and spend the budget again.")
+    # The ledger is consulted before any data is read: a refusal costs nothing.
+    with ledger_lib.Ledger(ledger_path) as ledger:
+        # Settle what dead runs left behind first (their budget is freed or their release
+        # completed), so that the checks below see the true state.
+        recovered = recover_output_root(output_root, ledger)
+        reclaimed = ledger.reclaim()
+        if recovered or reclaimed:
+            log_event("recovered", output=output_root, staging=recovered, ledger=reclaimed)
+        early = _ledger_precheck(ledger, spec, args, events, window)
+        if early is not None:
+            return early
+        # Checks before any data is read or any noise is drawn (file schemas only).
+        paths = readers.expand_inputs(args.input)
+        inputs = readers.preflight(paths, column_mapping=spec.mapping)
+        log_event("preflight", files=inputs["files"], bytes=inputs["bytes"])
+        public_keys = load_public_keys(spec, args.public_keys)
+        already = [o.name for o in spec.outputs if _exists(_released_dir(output_root, o.name, args.date))]
+        released_rows = [r for r in ledger.rows(spec.job, ("released",)) if r["date"] == args.date.isoformat()]
+        if already and not released_rows and not args.force_rerelease:
+            raise RefusedError(
+                f"{args.date} is already released for output(s) {', '.join(already)} under {output_root}, "
+                f"but the ledger {ledger_path} has no record of it (another ledger?). A second release with "
+                "fresh noise would weaken the guarantee (averaging halves the noise). Use --force-rerelease "
+                "to release again and spend the budget again.")
+        reservation = ledger.reserve(
+            job=spec.job, date=args.date, run_id=run_id, spec_hash=spec.spec_hash, events=events,
+            run_epsilon=privacy["spent_epsilon"], run_delta=privacy["spent_delta"], accountant=spec.accountant,
+            window=window, force=args.force_rerelease, output_root=output_root, manifest_path=manifest_path)
+        log_event("reserved", run_id=run_id, ledger=ledger_path, window=reservation["window"],
+                  reclaimed=reservation["reclaimed"], forced_rerelease=reservation["forced_rerelease"])
+        _crash_point("after_reserve")
+        staging = FileSystems.join(output_root, "_staging", run_id)
+        try:
+            return _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quarantine, staging,
+                            manifest_path, paths, inputs, public_keys, ledger, ledger_path, window,
+                            reservation, t0, no_noise)
+        except BaseException as exc:
+            action = _abandon(staging, ledger, run_id, f"failed: {type(exc).__name__}: {exc}")
+            if isinstance(exc, Exception) and not isinstance(
+                    exc, (SpecError, readers.InputError, RefusedError, ledger_lib.LedgerError,
+                          ledger_lib.LedgerRefused)):
+                what = ("its release was committed (manifest written) and stands"
+                        if action == "completed" or ledger_lib.manifest_run_id(manifest_path) == run_id
+                        else "nothing was published")
+                return _fail(EXIT_FAILURE, f"run {run_id} failed, {what}: {type(exc).__name__}: {exc}")
+            raise
 
-    staging = FileSystems.join(output_root, "_staging", run_id)
+
+def local_dp_events(spec: JobSpec) -> list:
+    """Ledger events of the local-DP outputs: a pure epsilon per shopper (own guarantee)."""
+    return [{"output": lo.name, "metric": None, "component": "local_dp", "mechanism": "local_dp",
+             "epsilon": float(lo.epsilon), "delta": 0.0, "pld": "privacy_parameters"}
+            for lo in spec.local_outputs]
+
+
+def _published_names(spec: JobSpec, staging: str, date: datetime.date) -> list:
+    """Central outputs always; local-DP outputs when the run produced rows for them."""
+    names = [o.name for o in spec.outputs]
+    names += [lo.name for lo in spec.local_outputs if _exists(_released_dir(staging, lo.name, date))]
+    return names
+
+
+def _ledger_precheck(ledger, spec, args, events, window) -> Optional[RunResult]:
+    """Read-only ledger checks before anything is read. The same rules are checked again,
+    atomically, by Ledger.reserve; this pass only refuses early (and skips released dates)."""
+    day = args.date.isoformat()
+    released = [r for r in ledger.rows(spec.job, ("released",)) if r["date"] == day]
+    if released and args.skip_if_released:
+        last = released[-1]
+        if last["spec_hash"] == spec.spec_hash:
+            msg = f"{spec.job} {day} is already released (run {last['run_id']}); nothing to do"
+            log_event("skipped", job=spec.job, date=day, released_run=last["run_id"])
+            print(f"clickdp: {msg}")
+            return RunResult(EXIT_OK, last["run_id"], message=msg, manifest_path=last["manifest_path"])
+    if window.max_epsilon is not None:
+        cost = ledger.window_cost(spec.job, args.date, events, window)
+        ledger_lib.check_window(spec.job, args.date, cost, window)
+    return None
+
+
+def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quarantine, staging, manifest_path,
+             paths, inputs, public_keys, ledger, ledger_path, window, reservation, t0, no_noise) -> RunResult:
+    if _is_local(staging):
+        os.makedirs(staging, exist_ok=True)
+        _write_json(os.path.join(staging, OWNER), {"run_id": run_id, **ledger_lib.process_identity(),
+                                                   "ledger": os.path.abspath(ledger_path)})
     dead_dir = FileSystems.join(quarantine, "dead_letter", f"dt={args.date.isoformat()}", f"run={run_id}")
     options, runner, runner_name = _pipeline_options(beam_args)
-    LOG.info(json.dumps({"event": "start", "run_id": run_id, "job": spec.job, "date": args.date.isoformat(),
-                         "files": inputs["files"], "bytes": inputs["bytes"], "runner": runner_name}))
+    log_event("start", run_id=run_id, job=spec.job, date=args.date.isoformat(), files=inputs["files"],
+              bytes=inputs["bytes"], runner=runner_name)
     pipeline = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     _ = (pipeline
          | "ListInputs" >> beam.Create(paths)
@@ -262,45 +482,45 @@ def _run(args, beam_args) -> RunResult:
     result = pipeline.run()
     state = result.wait_until_finish()
     pipeline_seconds = time.time() - t_pipe
-    if str(state).upper().split(".")[-1] not in ("DONE", "UNKNOWN"):
-        return _fail(EXIT_FAILURE, f"pipeline ended in state {state}; nothing was published")
     counters = _counters(result)
+    log_event("pipeline_done", run_id=run_id, state=str(state), seconds=round(pipeline_seconds, 3),
+              counters={k: v for k, v in counters.items() if not k.startswith("dead:")})
+    if str(state).upper().split(".")[-1] not in ("DONE", "UNKNOWN"):
+        _abandon(staging, ledger, run_id, f"pipeline ended in state {state}")
+        return _fail(EXIT_FAILURE, f"pipeline ended in state {state}; nothing was published")
 
     rows_read = counters.get("rows_read", 0)
     rows_valid = counters.get("rows_valid", 0)
     rows_dead = counters.get("rows_dead", 0)
     if counters and rows_read != rows_valid + rows_dead:
+        _abandon(staging, ledger, run_id, "row accounting mismatch")
         return _fail(EXIT_FAILURE, f"row accounting mismatch: read {rows_read} != valid {rows_valid} + "
                                    f"dead {rows_dead}; nothing was published")
 
-    # Publish: staging -> final, then the manifest (the commit record).
-    files = []
-    for o in spec.outputs:
-        src = _released_dir(staging, o.name, args.date)
-        dst = _released_dir(output_root, o.name, args.date)
-        _publish_dir(src, dst)
-        for m in FileSystems.match([FileSystems.join(dst, "*.parquet")])[0].metadata_list:
-            md = pq.read_metadata(m.path) if "://" not in m.path else None
-            files.append({"output": o.name, "path": m.path, "bytes": m.size_in_bytes,
-                          "rows": md.num_rows if md else None, "sha256": _sha256(m.path)})
-    _cleanup(staging)
-    eps_spent, delta_spent = plan.spent()
+    files = _staged_files(spec, args.date, staging, output_root)
     manifest = {
         "job": spec.job, "date": args.date.isoformat(), "run_id": run_id, "spec_hash": spec.spec_hash,
         "published_at": datetime.datetime.utcnow().isoformat() + "Z",
         "privacy_unit": spec.privacy_unit, "noise": spec.noise,
-        "budget": {"epsilon": spec.epsilon, "delta": spec.delta, "spent_epsilon": eps_spent,
-                   "spent_delta": delta_spent, "accountant": spec.accountant},
+        "budget": {k: v for k, v in privacy.items() if k != "mechanisms"},
+        "ledger_window": {**window.to_json(), "checked": reservation["window"]},
         "outputs": [{"name": o.name, "epsilon": plan.output(o.name).epsilon,
                      "delta": plan.output(o.name).delta, "bounds": dataclasses.asdict(o.bounds),
                      "partition_selection": o.selection.kind,
                      "mechanisms": [m.to_json() for m in plan.output(o.name).mechanisms()]}
                     for o in spec.outputs],
+        "local_dp_outputs": [{"name": lo.name, "epsilon_local": lo.epsilon, "row_key": lo.row_key,
+                              "guarantee": "each row epsilon_local-LDP; row presence/count not hidden"}
+                             for lo in spec.local_outputs],
         "files": files,
-        "forced_rerelease": bool(already),
+        "forced_rerelease": reservation["forced_rerelease"],
     }
-    manifest_path = _manifest_path(output_root, spec.job, args.date)
-    _write_json(manifest_path, manifest)
+    _crash_point("before_publish")
+    publish(spec, args.date, run_id, staging, output_root, manifest_path, manifest)
+    log_event("committed", run_id=run_id, manifest=manifest_path)
+    _crash_point("after_publish_before_ledger")
+    ledger.mark_released(run_id, manifest_path)
+    _remove_tree(staging)
 
     summary = {
         "operator_only": "NOT differentially private: raw counts for the operator; never publish",
@@ -313,67 +533,221 @@ def _run(args, beam_args) -> RunResult:
         "outputs": {o.name: {k: counters.get(f"out:{o.name}:{k}", 0) for k in
                              ("rows_eligible", "rows_kept", "partitions_considered", "partitions_released")}
                     for o in spec.outputs},
-        "privacy": plan.to_json(),
+        "privacy": privacy,
+        "ledger": {"path": ledger_path, "window": window.to_json(), "checked": reservation["window"]},
         "manifest": manifest_path,
         "dead_letters": dead_dir,
         "files": files,
+        "stage_seconds": {k.split(":", 1)[1]: v / 1000.0 for k, v in counters.items() if k.startswith("ms:")},
+        "local_dp_rows": {lo.name: counters.get(f"local:{lo.name}:rows", 0) for lo in spec.local_outputs},
     }
+    if not args.no_postprocess and _is_local(output_root):
+        from pipelines import postprocess
+        try:
+            summary["postprocess"] = postprocess.run(output_root, args.date.isoformat(), spec.job, spec,
+                                                     catalog=args.catalog)
+            log_event("postprocessed", run_id=run_id, **{k: v for k, v in summary["postprocess"].items()
+                                                         if k in ("corpus", "report", "corpus_records")})
+        except Exception as exc:  # noqa: BLE001 - the release stands; post-processing can be re-run
+            summary["postprocess"] = {"error": f"{type(exc).__name__}: {exc}"}
+            log_event("postprocess_failed", run_id=run_id, error=str(exc),
+                      rerun=f"clickdp postprocess --release {output_root} --date {args.date} --job {spec.job}")
     summary_path = FileSystems.join(quarantine, "_runs", spec.job, f"dt={args.date.isoformat()}",
                                     f"{run_id}.json")
     _write_json(summary_path, summary)
-    LOG.info(json.dumps({"event": "published", "run_id": run_id, "manifest": manifest_path,
-                         "seconds": summary["seconds"]}))
+    log_event("published", run_id=run_id, manifest=manifest_path, seconds=summary["seconds"])
     print(human_summary(summary, manifest, output_root))
     return RunResult(EXIT_OK, run_id, summary, manifest_path, summary_path)
 
 
-def _publish_dir(src: str, dst: str) -> None:
-    """Moves a staged partition directory into place (a rename on local filesystems)."""
-    if "://" not in dst:
+# --------------------------------------------------------------------------------------
+# Publish and recovery
+# --------------------------------------------------------------------------------------
+
+
+def _staged_files(spec: JobSpec, date: datetime.date, staging: str, output_root: str) -> list:
+    """Manifest entries of the staged files, with the paths they will have once published."""
+    files = []
+    for name in _published_names(spec, staging, date):
+        o = argparse.Namespace(name=name)
+        src = _released_dir(staging, o.name, date)
+        dst = _released_dir(output_root, o.name, date)
+        for m in sorted(FileSystems.match([FileSystems.join(src, "*.parquet")])[0].metadata_list,
+                        key=lambda m: m.path):
+            md = pq.read_metadata(m.path) if _is_local(m.path) else None
+            name = os.path.basename(m.path)
+            files.append({"output": o.name, "path": FileSystems.join(dst, name),
+                          "relative_path": f"{o.name}/dt={date.isoformat()}/{name}",
+                          "bytes": m.size_in_bytes, "rows": md.num_rows if md else None,
+                          "sha256": _sha256(m.path)})
+    return files
+
+
+def publish(spec: JobSpec, date: datetime.date, run_id: str, staging: str, output_root: str,
+            manifest_path: str, manifest: dict) -> None:
+    """Moves the staged outputs into place, then writes the manifest (the commit point)."""
+    moves = [{"output": name, "src": _released_dir(staging, name, date),
+              "dst": _released_dir(output_root, name, date),
+              "backup": FileSystems.join(staging, "_replaced", name, f"dt={date.isoformat()}")}
+             for name in _published_names(spec, staging, date)]
+    _write_json(FileSystems.join(staging, JOURNAL),
+                {"run_id": run_id, "job": spec.job, "date": date.isoformat(), "manifest": manifest_path,
+                 "moves": moves})
+    for i, mv in enumerate(moves):
+        _move_into_place(mv["src"], mv["dst"], mv["backup"])
+        log_event("publish_progress", run_id=run_id, output=mv["output"], moved=i + 1, of=len(moves))
+        if i == 0:
+            _crash_point("mid_publish")
+    _write_json(manifest_path, manifest)
+
+
+def _move_into_place(src: str, dst: str, backup: str) -> None:
+    if _is_local(dst):
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(dst):  # forced re-release: swap the old directory out first
-            old = f"{dst}.replaced-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(src, dst)
-            import shutil
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(src, dst)
+        if os.path.exists(dst):  # forced re-release: the old release is moved aside, kept until commit
+            os.makedirs(os.path.dirname(backup), exist_ok=True)
+            os.replace(dst, backup)
+        os.replace(src, dst)
+        _fsync_dir(os.path.dirname(dst))
         return
+    # Object stores: rename = copy + delete per object (not atomic); readers follow the manifest.
     if _exists(dst):
-        FileSystems.delete([dst])
+        FileSystems.rename([dst], [backup])
     FileSystems.rename([src], [dst])
 
 
-def _cleanup(staging: str) -> None:
+def _remove_tree(path: str) -> None:
     try:
-        if _exists(staging):
-            FileSystems.delete([staging])
-    except Exception:  # noqa: BLE001 - stale staging is harmless and cleaned later
-        LOG.warning("could not remove staging dir %s", staging)
+        if _is_local(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif _exists(path):
+            FileSystems.delete([path])
+    except Exception:  # noqa: BLE001 - stale staging is harmless and cleaned at the next start
+        LOG.warning("could not remove staging dir %s", path)
+
+
+def _abandon(staging: str, ledger, run_id: str, reason: str) -> Optional[str]:
+    """This (live) run gives up: roll back anything it moved, free its reservation.
+    Returns the recovery action (see _recover_staging_dir)."""
+    try:
+        with ledger.transaction():
+            return _recover_staging_dir(staging, run_id, ledger, reason=reason)["action"]
+    except Exception as exc:  # noqa: BLE001 - the next start recovers it
+        LOG.warning("could not roll back run %s: %s", run_id, exc)
+        return None
+
+
+def _owner_alive(staging_dir: str, run_id: str, ledger) -> Optional[bool]:
+    owner = _read_json(os.path.join(staging_dir, OWNER))
+    if owner is not None:
+        return ledger_lib.process_alive(owner.get("pid"), owner.get("hostname"), owner.get("proc_start"))
+    row = ledger.row(run_id)
+    if row is not None:
+        if row["status"] != "pending":
+            return False
+        return ledger_lib.process_alive(row["pid"], row["hostname"], row["proc_start"])
+    age = time.time() - os.path.getmtime(staging_dir)
+    return False if age > _ORPHAN_AGE_SECONDS else None
+
+
+def recover_output_root(output_root: str, ledger) -> list:
+    """Rolls back or completes the staging dirs of dead runs (local filesystems), then
+    removes them. Runs inside one ledger transaction, so concurrent starters do not race."""
+    root = FileSystems.join(output_root, "_staging")
+    if not _is_local(root) or not os.path.isdir(root):
+        return []
+    actions = []
+    with ledger.transaction():
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if not os.path.isdir(d):
+                continue
+            alive = _owner_alive(d, name, ledger)
+            if alive is not False:
+                actions.append({"run_id": name, "action": "left", "reason": "its process is alive"
+                                if alive else "owner unknown (another host?)"})
+                continue
+            actions.append({"run_id": name, **_recover_staging_dir(d, name, ledger)})
+    return actions
+
+
+def _recover_staging_dir(d: str, run_id: str, ledger, reason: str = "its process died") -> dict:
+    """Inside a ledger transaction: completes (manifest written) or rolls back (not written)
+    one run's publish, settles its ledger row, removes the staging dir."""
+    journal = _read_json(FileSystems.join(d, JOURNAL)) if _exists(d) else None
+    if journal is not None and not _is_local(d):
+        # Object stores: the manifest decides; orphaned objects are never listed by one.
+        committed = ledger_lib.manifest_run_id(journal["manifest"]) == run_id
+        ledger.settle(run_id, published=committed, note=f"{reason}; settled on recovery")
+        return {"action": "completed" if committed else "left", "detail": "object store"}
+    if journal is None:
+        ledger.settle(run_id, published=False, note=f"aborted: {reason}; nothing was published")
+        _remove_tree(d)
+        return {"action": "removed", "detail": "nothing was published"}
+    if ledger_lib.manifest_run_id(journal["manifest"]) == run_id:
+        ledger.settle(run_id, published=True, note="completed on recovery: its manifest was written")
+        _remove_tree(d)
+        return {"action": "completed", "detail": "its manifest was written: the release stands"}
+    restored = []
+    for mv in reversed(journal["moves"]):
+        src, dst, backup = mv["src"], mv["dst"], mv["backup"]
+        if not os.path.exists(src) and os.path.exists(dst) and _dir_run_id(dst) == run_id:
+            shutil.rmtree(dst)  # ours: moved in, never committed
+            restored.append(f"removed {dst}")
+        if os.path.exists(backup) and not os.path.exists(dst):
+            os.replace(backup, dst)  # the previous release, moved aside by a forced re-release
+            restored.append(f"restored {dst}")
+    ledger.settle(run_id, published=False, note=f"aborted: {reason} before its manifest; rolled back")
+    _remove_tree(d)
+    return {"action": "rolled_back", "detail": restored}
+
+
+def _dir_run_id(directory: str) -> Optional[str]:
+    """The run id in the DP metadata of a released directory's first Parquet file."""
+    try:
+        part = sorted(f for f in os.listdir(directory) if f.endswith(".parquet"))[0]
+        meta = pq.read_schema(os.path.join(directory, part)).metadata
+        return json.loads(meta[b"clickdp.dp"]).get("run_id")
+    except Exception:  # noqa: BLE001 - unreadable: not provably ours, leave it
+        return None
 
 
 def human_summary(summary: dict, manifest: dict, output_root: str) -> str:
     rows = summary["rows"]
+    budget = manifest["budget"]
+    at = budget["epsilon_at_delta"]
     lines = [
         f"clickdp {summary['job']} {summary['date']} (run {summary['run_id']}, {summary['runner']}) "
         f"finished in {summary['seconds']['total']:.1f}s",
         f"  rows: {rows['read']:,} read, {rows['valid']:,} valid, {rows['dead_lettered']:,} dead-lettered"
         + (f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(rows['dead_by_reason'].items()))})"
            if rows["dead_by_reason"] else ""),
-        f"  privacy: ({manifest['budget']['spent_epsilon']:.4g}, {manifest['budget']['spent_delta']:.3g})-DP "
+        f"  privacy: ({budget['spent_epsilon']:.4g}, {budget['spent_delta']:.3g})-DP "
         f"per {manifest['privacy_unit']} for this day, {manifest['noise']} noise, of a budget of "
-        f"({manifest['budget']['epsilon']:g}, {manifest['budget']['delta']:g})",
+        f"({budget['epsilon']:g}, {budget['delta']:g}); epsilon at delta {budget['delta']:g}: "
+        f"naive {_fmt_eps(at['naive'])}, PLD {_fmt_eps(at['pld'])} ({budget['accountant']} accountant)",
     ]
     for o in manifest["outputs"]:
         st = summary["outputs"][o["name"]]
         lines.append(f"  {o['name']}: eps {o['epsilon']:.4g}, {st['rows_kept']:,} rows kept after bounding, "
                      f"{st['partitions_released']:,} of {st['partitions_considered']:,} partitions released "
                      f"({o['partition_selection']} selection)")
+    led = summary["ledger"]
+    checked = led["checked"]
+    if checked:
+        lines.append(f"  ledger: {checked['start']}..{checked['end']} spends epsilon "
+                     f"{_fmt_eps(checked['total_epsilon'])} of {led['window']['max_epsilon']:g} at delta "
+                     f"{led['window']['delta']:g} ({led['window']['accountant']}); {led['path']}")
+    else:
+        lines.append(f"  ledger: recorded in {led['path']} (no window cap in the spec)")
     lines.append(f"  released: {output_root}/<output>/dt={summary['date']}/part-00000.parquet")
     lines.append(f"  manifest: {summary['manifest']}")
     lines.append(f"  dead letters (quarantine, never publish): {summary['dead_letters']}")
     return "\n".join(lines)
+
+
+def _fmt_eps(x) -> str:
+    return "inf" if x is None else f"{x:.4g}"
 
 
 def main(argv: Optional[list] = None) -> int:

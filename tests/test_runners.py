@@ -522,4 +522,7 @@ def test_nightly_script_publishes_once(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already released" in proc.stdout + proc.stderr
     assert json.loads(manifest.read_text())["run_id"] == first["run_id"]
-    assert _released_state(tmp_path / "out")["tables"] == [f"category_day/dt={DATE}", f"product_day/dt={DATE}"]
+    # The release plus its post-processed artifacts (features, corpus), each written once.
+    assert _released_state(tmp_path / "out")["tables"] == [
+        f"category_day/dt={DATE}", f"category_features/dt={DATE}", f"corpus/dt={DATE}",
+        f"product_day/dt={DATE}", f"product_features/dt={DATE}"]

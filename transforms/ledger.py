@@ -184,9 +184,12 @@ def manifest_run_id(path: Optional[str]) -> Optional[str]:
     if not path:
         return None
     try:
-        from apache_beam.io.filesystems import FileSystems
-        with FileSystems.open(path) as fh:
-            return json.loads(fh.read().decode("utf-8")).get("run_id")
+        if "://" in path:
+            from apache_beam.io.filesystems import FileSystems
+            with FileSystems.open(path) as fh:
+                return json.loads(fh.read().decode("utf-8")).get("run_id")
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("run_id")
     except Exception:  # noqa: BLE001 - missing or unreadable: not published
         return None
 
@@ -309,14 +312,14 @@ class Ledger:
             return self._reclaim()
 
     def settle(self, run_id: str, published: bool, note: str) -> None:
-        """Inside :meth:`transaction`: a pending run becomes released (it was published)
-        or aborted (it was not). Rows that are not pending are left alone."""
+        """Inside :meth:`transaction`: a run that was published becomes released (even if it
+        had been aborted: its budget was spent); a pending run that was not becomes aborted."""
         r = self.row(run_id)
-        if r is None or r["status"] != "pending":
+        if r is None:
             return
-        if published:
+        if published and r["status"] != "released":
             self._set_released(r)
-        else:
+        elif not published and r["status"] == "pending":
             self._set(run_id, "aborted", note)
 
     def _set(self, run_id: str, status: str, note: Optional[str] = None) -> None:
@@ -354,9 +357,9 @@ class Ledger:
         maximal = [m for m in sets if not any(m < other for other in sets)]
         worst = None
         for m in maximal:
-            events = [ev for j in sorted(m) for ev in parsed[j][1]]
-            spent = accounting.compose(events, window.delta, window.accountant)
-            total = accounting.compose(events + list(run_events), window.delta, window.accountant)
+            runs = [parsed[j][1] for j in sorted(m)]
+            spent = accounting.compose_runs(runs, window.delta, window.accountant)
+            total = accounting.compose_runs(runs + [list(run_events)], window.delta, window.accountant)
             cost = WindowCost(sets[m][0], sets[m][1], len(m), spent, total, run_eps)
             if worst is None or cost.total_epsilon > worst.total_epsilon:
                 worst = cost
@@ -417,8 +420,8 @@ class Ledger:
                 raise LedgerError(f"ledger {self.path}: no run {run_id}")
             if r["status"] == "released":
                 return
-            if r["status"] != "pending":
-                raise LedgerError(f"ledger {self.path}: run {run_id} is {r['status']}, cannot mark it released")
+            # An aborted row (e.g. aborted by an operator while the run was in fact alive) whose
+            # release was committed is charged after all: undercounting is the unsafe direction.
             if manifest_path:
                 self.conn.execute("UPDATE releases SET manifest_path = ? WHERE run_id = ?", (manifest_path, run_id))
             self._set_released(r)
@@ -480,8 +483,8 @@ def show(ledger: Ledger, job: Optional[str] = None, today: Optional[datetime.dat
         counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
         start = today - datetime.timedelta(days=window.days - 1)
         current = [r for r in charged if start.isoformat() <= r["date"] <= today.isoformat()]
-        spent = accounting.compose([e for r in current for e in json.loads(r["events"])],
-                                   window.delta, window.accountant)
+        spent = accounting.compose_runs([json.loads(r["events"]) for r in current], window.delta,
+                                        window.accountant)
         worst = _worst_window(charged, window)
         entry = {
             "job": j, "releases": counts, "first_date": rows[0]["date"], "last_date": rows[-1]["date"],
@@ -509,8 +512,8 @@ def _worst_window(charged: list, window: Window) -> Optional[dict]:
         if members in seen:
             continue
         seen.add(members)
-        events = [ev for r in charged if r["run_id"] in members for ev in json.loads(r["events"])]
-        eps = accounting.compose(events, window.delta, window.accountant)
+        eps = accounting.compose_runs([json.loads(r["events"]) for r in charged if r["run_id"] in members],
+                                      window.delta, window.accountant)
         if best is None or eps > best[0]:
             best = (eps, d, e, len(members))
     return {"start": best[1].isoformat(), "end": best[2].isoformat(), "releases": best[3],

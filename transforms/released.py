@@ -282,7 +282,8 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def load_release(root: str, date: str, job: str = "nightly", *, verify: bool = True) -> dict:
+def load_release(root: str, date: str, job: str = "nightly", *, verify: bool = True,
+                 outputs=None) -> dict:
     """{output: ReleasedTable} of every file listed in the run's manifest (local paths).
 
     Files are looked up under ``root`` (so a copied release still loads) and, with ``verify``, their sha256
@@ -291,7 +292,10 @@ def load_release(root: str, date: str, job: str = "nightly", *, verify: bool = T
     root = os.fspath(root)
     manifest = read_manifest(root, date, job)
     by_output: dict = {}
+    local = {lo["name"] for lo in manifest.get("local_dp_outputs", [])}
     for entry in manifest.get("files", []):
+        if entry["output"] in local or (outputs is not None and entry["output"] not in outputs):
+            continue  # local-DP rows are per-shopper tables, not released aggregates
         rel = os.path.join(entry["output"], f"dt={date}", os.path.basename(entry["path"]))
         path = os.path.join(root, rel)
         if verify and entry.get("sha256") and _sha256(path) != entry["sha256"]:
