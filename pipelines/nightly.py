@@ -239,10 +239,29 @@ def _is_local(path: str) -> bool:
 
 
 def _exists(path: str) -> bool:
+    """A file or a directory exists; on object stores a "directory" exists if it has objects."""
     try:
-        return FileSystems.exists(path)
+        if FileSystems.exists(path):
+            return True
+        if not _is_local(path):
+            return bool(_objects_under(path))
+        return False
     except Exception:  # noqa: BLE001
         return False
+
+
+def _objects_under(prefix: str) -> list:
+    """Paths of the objects under an object-store prefix (recursive)."""
+    pattern = prefix.rstrip("/") + "/**"
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+
+
+def _rename_tree(src: str, dst: str) -> None:
+    """Object stores have no directories: move object by object (copy + delete each)."""
+    src = src.rstrip("/")
+    objects = _objects_under(src)
+    if objects:
+        FileSystems.rename(objects, [dst.rstrip("/") + p[len(src):] for p in objects])
 
 
 def _sha256(path: str) -> str:
@@ -612,8 +631,8 @@ def _move_into_place(src: str, dst: str, backup: str) -> None:
         return
     # Object stores: rename = copy + delete per object (not atomic); readers follow the manifest.
     if _exists(dst):
-        FileSystems.rename([dst], [backup])
-    FileSystems.rename([src], [dst])
+        _rename_tree(dst, backup)
+    _rename_tree(src, dst)
 
 
 def _remove_tree(path: str) -> None:
@@ -621,7 +640,9 @@ def _remove_tree(path: str) -> None:
         if _is_local(path):
             shutil.rmtree(path, ignore_errors=True)
         elif _exists(path):
-            FileSystems.delete([path])
+            objects = _objects_under(path)
+            if objects:
+                FileSystems.delete(objects)
     except Exception:  # noqa: BLE001 - stale staging is harmless and cleaned at the next start
         LOG.warning("could not remove staging dir %s", path)
 
