@@ -87,3 +87,21 @@ def test_nothing_identifying_personal_or_rare_is_published(release):
             assert "pii-s1" not in text and "rare-user" not in text, path
     queries = pq.read_table(out / "search_queries" / f"dt={DATE}").column("query").to_pylist()
     assert queries and all(q == q.strip().lower() for q in queries)  # normalized
+
+
+def test_released_parquet_opens_in_duckdb_and_pandas_with_dp_metadata(release):
+    import duckdb
+    import pandas as pd
+    _, out, _ = release
+    for name in ("product_day", "search_queries", "viewed_together_neighbours", "product_features"):
+        path = str(out / name / f"dt={DATE}" / "part-00000.parquet")
+        df = pd.read_parquet(path)
+        con = duckdb.connect()
+        n = con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchone()[0]
+        assert n == len(df)
+        kv = dict(con.execute(f"SELECT key, value FROM parquet_kv_metadata('{path}')").fetchall())
+        meta_key = b"clickdp.dp" if b"clickdp.dp" in kv else b"clickdp.postprocessing"
+        meta = json.loads(kv[meta_key])
+        assert meta, name
+        if meta_key == b"clickdp.dp":
+            assert meta["epsilon"] > 0 and meta["date"] == DATE.isoformat()
