@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -217,20 +216,13 @@ def _ledger_abort(led, run_id: str) -> int:
     return 0
 
 
-def _sha256(path: str) -> str:
-    from apache_beam.io.filesystems import FileSystems
-    h = hashlib.sha256()
-    with FileSystems.open(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_ledger(led, job: Optional[str] = None, extra_roots=()) -> tuple:
     """Ledger vs manifests. Every released (not superseded) entry has its manifest, the
     manifest names the same run and every file's checksum matches; every manifest under
     the release roots the ledger knows has a released entry. Returns (problems, counts)."""
     from apache_beam.io.filesystems import FileSystems
+
+    from pipelines import nightly
     problems, counts = [], {"released": 0, "manifests": 0, "files": 0}
     rows = led.rows(job)
     by_run = {r["run_id"]: r for r in rows}
@@ -263,7 +255,7 @@ def verify_ledger(led, job: Optional[str] = None, extra_roots=()) -> tuple:
         for f in manifest.get("files", []):
             counts["files"] += 1
             try:
-                digest = _sha256(f["path"])
+                digest = nightly.sha256_file(f["path"])
             except Exception:  # noqa: BLE001
                 problems.append({"kind": "missing_file", "run_id": r["run_id"],
                                  "detail": f"{where}: file {f['path']} is missing"})

@@ -264,7 +264,7 @@ def _rename_tree(src: str, dst: str) -> None:
         FileSystems.rename(objects, [dst.rstrip("/") + p[len(src):] for p in objects])
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with FileSystems.open(path) as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -598,7 +598,7 @@ def _staged_files(spec: JobSpec, date: datetime.date, staging: str, output_root:
             files.append({"output": o.name, "path": FileSystems.join(dst, name),
                           "relative_path": f"{o.name}/dt={date.isoformat()}/{name}",
                           "bytes": m.size_in_bytes, "rows": md.num_rows if md else None,
-                          "sha256": _sha256(m.path)})
+                          "sha256": sha256_file(m.path)})
     return files
 
 

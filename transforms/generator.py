@@ -39,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.events import (
+    DEAD_LETTER_REASONS,
     EVENT_TYPES,
     MAX_QUANTITY,
     PRODUCT_EVENT_TYPES,
@@ -47,6 +48,7 @@ from schemas.events import (
     REASON_BAD_EVENT_TIME,
     REASON_BAD_PRICE,
     REASON_BAD_QUANTITY,
+    REASON_MALFORMED_ROW,
     REASON_MISSING_PRODUCT_ID,
     REASON_MISSING_USER_ID,
     REASON_OUT_OF_DAY,
@@ -176,15 +178,7 @@ _BOT_MAX_SHARE = 0.15
 # ---------------------------------------------------------------------------
 # Bad-row variants: (reason, variant name, text-only)
 # ---------------------------------------------------------------------------
-_BAD_REASONS = (
-    REASON_MISSING_USER_ID,
-    REASON_BAD_EVENT_TIME,
-    REASON_OUT_OF_DAY,
-    REASON_UNKNOWN_EVENT_TYPE,
-    REASON_MISSING_PRODUCT_ID,
-    REASON_BAD_PRICE,
-    REASON_BAD_QUANTITY,
-)
+_BAD_REASONS = tuple(r for r in DEAD_LETTER_REASONS if r != REASON_MALFORMED_ROW)  # every row-level reason
 _BAD_VARIANTS = (
     (REASON_MISSING_USER_ID, "user_null", False),
     (REASON_MISSING_USER_ID, "user_empty", False),
