@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms import corpus, features, pairs, report
-from transforms.released import ReleasedTable, load_release
+from transforms.released import ReleasedTable, add_release_arguments, load_release
 
 
 def _write_neighbours(output_root: str, date: str, name: str, released_pairs: ReleasedTable, top_k: int) -> str:
@@ -75,9 +75,7 @@ def run(output_root: str, date: str, job: str, spec=None, *, catalog: Optional[s
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="clickdp postprocess",
                                      description="Neighbours, features, corpus and report of a released date.")
-    parser.add_argument("--release", required=True, help="release root (the job's --output)")
-    parser.add_argument("--date", required=True)
-    parser.add_argument("--job", default="nightly")
+    add_release_arguments(parser)
     parser.add_argument("--catalog", help="public catalog CSV (product_id, category) for the corpus")
     args = parser.parse_args(argv)
     try:

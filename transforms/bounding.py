@@ -224,11 +224,6 @@ class ShardView:
         return self._masks[key]
 
 
-def filter_mask(table: pa.Table, flt: Optional[Filter]) -> np.ndarray:
-    """Boolean mask of rows matching a spec filter (null never matches)."""
-    return ShardView(table, np.zeros(table.num_rows, np.uint64)).mask(flt)
-
-
 def output_mask(view: ShardView, output: Output) -> np.ndarray:
     """Rows an output sees: its filter AND (any metric's filter, when every metric filters)."""
     mask = view.mask(output.filter).copy()

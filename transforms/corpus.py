@@ -39,8 +39,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from transforms import features as feats
-from transforms.released import (IDENTIFIER_COLUMNS, NotReleasedError, ReleasedTable, half_width_95,
-                                 load_release, require_released)
+from transforms.released import (
+    IDENTIFIER_COLUMNS,
+    NotReleasedError,
+    ReleasedTable,
+    add_release_arguments,
+    half_width_95,
+    load_release,
+    require_released,
+)
 
 MAX_QUERY_CHARS = 80
 
@@ -406,9 +413,7 @@ def write_corpus(records: Iterable[dict], path: str) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="clickdp corpus",
                                      description="JSONL text corpus from released tables (post-processing).")
-    parser.add_argument("--release", required=True, help="release root (the job's --output)")
-    parser.add_argument("--date", required=True)
-    parser.add_argument("--job", default="nightly")
+    add_release_arguments(parser)
     parser.add_argument("--catalog", help="public catalog (CSV/Parquet with product_id, category)")
     parser.add_argument("--out", required=True, help="output .jsonl path")
     args = parser.parse_args(argv)

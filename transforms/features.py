@@ -37,7 +37,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from transforms.release import confidence_interval
-from transforms.released import ReleasedTable, load_release, require_released
+from transforms.released import (
+    ReleasedTable,
+    add_release_arguments,
+    load_release,
+    require_released,
+)
 
 POSTPROCESSING_METADATA_KEY = b"clickdp.postprocessing"
 
@@ -231,9 +236,7 @@ def build_all(released: dict, out_root: str, product_output: str = "product_day"
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="clickdp features",
                                      description="Feature tables from released tables (post-processing).")
-    parser.add_argument("--release", required=True, help="release root (the job's --output)")
-    parser.add_argument("--date", required=True)
-    parser.add_argument("--job", default="nightly")
+    add_release_arguments(parser)
     parser.add_argument("--out", required=True, help="root for <kind>/dt=DATE/part-00000.parquet")
     parser.add_argument("--product-output", default="product_day")
     parser.add_argument("--category-output", default="category_day")

@@ -535,13 +535,17 @@ def _read_parquet(path, sources, batch_rows, columns=None):
         pf.close()
 
 
-def _read_csv(path, sources, batch_rows):
+def _read_text_file(path: str, fmt: str) -> bytes:
+    """A whole CSV/JSONL file's bytes, without a UTF-8 byte-order mark."""
     try:
         data = _read_all(path)
     except Exception as exc:
-        raise InputError(f"{path}: unreadable csv file: {exc}") from exc
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+        raise InputError(f"{path}: unreadable {fmt} file: {exc}") from exc
+    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+
+
+def _read_csv(path, sources, batch_rows):
+    data = _read_text_file(path, "csv")
     header = _csv_header(data[:_PREFLIGHT_HEAD_MAX_BYTES])
     _check_required(path, header, sources)
     newline = data.find(b"\n")
@@ -743,12 +747,7 @@ def _json_slow(path: str, data: bytes, sources: dict[str, str]):
 
 
 def _read_jsonl(path, sources, batch_rows):
-    try:
-        data = _read_all(path)
-    except Exception as exc:
-        raise InputError(f"{path}: unreadable jsonl file: {exc}") from exc
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
+    data = _read_text_file(path, "jsonl")
     if not data.strip():
         return
     fast = _json_fast(path, data, sources)

@@ -282,6 +282,13 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def add_release_arguments(parser) -> None:
+    """--release/--date/--job: which published release a post-processing command reads."""
+    parser.add_argument("--release", required=True, help="release root (the job's --output)")
+    parser.add_argument("--date", required=True)
+    parser.add_argument("--job", default="nightly")
+
+
 def load_release(root: str, date: str, job: str = "nightly", *, verify: bool = True,
                  outputs=None) -> dict:
     """{output: ReleasedTable} of every file listed in the run's manifest (local paths).

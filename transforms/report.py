@@ -26,8 +26,15 @@ from typing import Mapping, Optional, Union
 
 import numpy as np
 
-from transforms.released import COUNT_LIKE, ReleasedTable, half_width_95, load_release, read_manifest, \
-    require_released
+from transforms.released import (
+    COUNT_LIKE,
+    ReleasedTable,
+    add_release_arguments,
+    half_width_95,
+    load_release,
+    read_manifest,
+    require_released,
+)
 
 OPERATOR_BANNER = ("OPERATOR-ONLY: this report contains counts from the operator summary that are NOT "
                    "differentially private (partitions considered, rows read and kept). Never publish it "
@@ -377,9 +384,7 @@ def render_report(release_root: str, date: str, job: str, out_dir: str,
 
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="clickdp report", description="Utility report of one released run.")
-    parser.add_argument("--release", required=True, help="release root (the job's --output)")
-    parser.add_argument("--date", required=True)
-    parser.add_argument("--job", default="nightly")
+    add_release_arguments(parser)
     parser.add_argument("--out", required=True, help="directory for the report and its PNGs")
     parser.add_argument("--operator-summary", help="operator summary JSON (adds an operator-only section)")
     args = parser.parse_args(argv)
