@@ -58,6 +58,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms import accounting, beam_ops, readers
 from transforms import ledger as ledger_lib
 from transforms.budget import BudgetPlan
+from transforms.parallel import auto_threads
 from transforms.spec import JobSpec, SpecError, load_spec
 
 LOG = logging.getLogger("clickdp")
@@ -118,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, date_required: bool = True
     parser.add_argument("--shards", type=int, default=8, help="privacy-unit shards (default 8)")
     parser.add_argument("--buckets", type=int, default=8, help="partition-key buckets (default 8)")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per read batch")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per worker for the read and bound steps (default 0 = all cores on "
+                             "the local runner, 1 on distributed runners, which run a worker per core)")
     parser.add_argument("--noise-sampler", choices=("secure", "pydp"), default="secure",
                         help="secure: vectorized CSPRNG sampler (default); pydp: python-dp reference")
     parser.add_argument("--catalog", default=None,
@@ -365,6 +369,8 @@ def _run(args, beam_args) -> RunResult:
     for flag, value in (("--shards", args.shards), ("--buckets", args.buckets), ("--batch-rows", args.batch_rows)):
         if value < 1:
             raise SpecError(flag, f"must be >= 1, got {value}")
+    if args.threads < 0:
+        raise SpecError("--threads", f"must be >= 0 (0 = automatic), got {args.threads}")
     if args.force_rerelease and args.skip_if_released:
         raise SpecError("--skip-if-released", "contradicts --force-rerelease")
     if args.run_id is not None and not _RUN_ID_RE.match(args.run_id):
@@ -486,8 +492,9 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
                                                    "ledger": os.path.abspath(ledger_path)})
     dead_dir = FileSystems.join(quarantine, "dead_letter", f"dt={args.date.isoformat()}", f"run={run_id}")
     options, runner, runner_name = _pipeline_options(beam_args)
+    threads = auto_threads(runner_name, args.threads)
     log_event("start", run_id=run_id, job=spec.job, date=args.date.isoformat(), files=inputs["files"],
-              bytes=inputs["bytes"], runner=runner_name)
+              bytes=inputs["bytes"], runner=runner_name, threads=threads)
     pipeline = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     _ = (pipeline
          | "ListInputs" >> beam.Create(paths)
@@ -496,7 +503,7 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
              spec, plan, date=args.date, staging_dir=staging, dead_dir=dead_dir,
              public_keys=public_keys, file_metadata=_file_metadata(spec, plan, args.date, run_id),
              n_shards=args.shards, n_buckets=args.buckets, batch_rows=args.batch_rows,
-             sampler=args.noise_sampler, no_noise=no_noise))
+             sampler=args.noise_sampler, no_noise=no_noise, threads=threads))
     t_pipe = time.time()
     result = pipeline.run()
     state = result.wait_until_finish()
@@ -544,7 +551,7 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
     summary = {
         "operator_only": "NOT differentially private: raw counts for the operator; never publish",
         "run_id": run_id, "job": spec.job, "date": args.date.isoformat(), "runner": runner_name,
-        "seconds": {"total": round(time.time() - t0, 3), "pipeline": round(pipeline_seconds, 3)},
+        "threads": threads, "seconds": {"total": round(time.time() - t0, 3), "pipeline": round(pipeline_seconds, 3)},
         "inputs": inputs,
         "rows": {"read": rows_read, "valid": rows_valid, "dead_lettered": rows_dead,
                  "dead_by_reason": {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dead:")},

@@ -20,8 +20,6 @@ import time
 import uuid
 from typing import Iterable, Optional
 
-
-
 import apache_beam as beam
 from apache_beam.typehints import Tuple
 import numpy as np
@@ -33,6 +31,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import events
 from transforms import bounding, coders, hashing, readers, validate  # noqa: F401 (coders registers)
+from transforms.parallel import OrderedPool, Tally
 from transforms.budget import BudgetPlan
 from transforms.release import Releaser, add_public_partitions
 from transforms.spec import JobSpec
@@ -141,41 +140,58 @@ def _decode_dictionaries(table: pa.Table) -> pa.Table:
 
 
 class ReadValidateAndShardFn(beam.DoFn):
-    """Reads one file, validates it, routes valid rows to shards by privacy unit."""
+    """Reads one file, validates it, routes valid rows to shards by privacy unit.
 
-    def __init__(self, spec: JobSpec, date: datetime.date, n_shards: int, batch_rows: int):
+    Files are processed on `threads` threads (see transforms.parallel); outputs keep file order.
+    """
+
+    def __init__(self, spec: JobSpec, date: datetime.date, n_shards: int, batch_rows: int, threads: int = 1):
         self.spec = spec
         self.date = date
         self.n_shards = n_shards
         self.batch_rows = batch_rows
+        self.threads = threads
         self.columns = needed_columns(spec)
         # Read only what validation and the outputs need; dead rows are re-read whole.
         self.read_columns = sorted((set(self.columns) | set(VALIDATED_COLUMNS)) & set(events.RAW_COLUMNS))
-        self.rows_read = counter("rows_read")
-        self.rows_valid = counter("rows_valid")
-        self.rows_dead = counter("rows_dead")
-        self.files_read = counter("files_read")
+        self.pool = None
 
-    def process(self, path: str):
-        self.files_read.inc()
+    def setup(self):
+        self.pool = OrderedPool(self.threads)
+
+    def start_bundle(self):
+        self.pool.reset()
+
+    def process(self, path: str, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        yield from self.pool.submit(lambda tally: self._file(path, tally), window, timestamp)
+
+    def finish_bundle(self):
+        yield from self.pool.drain()
+
+    def teardown(self):
+        if self.pool is not None:
+            self.pool.close()
+
+    def _file(self, path: str, tally: Tally) -> Iterable:
+        tally.inc("files_read")
         projected = readers.supports_projection(path)
         batches = readers.read_batches(path, column_mapping=self.spec.mapping, batch_rows=self.batch_rows,
                                        columns=self.read_columns if projected else None)
         while True:
-            with stage_timer("read"):
+            with tally.timer("read"):
                 item = next(batches, None)
             if item is None:
                 break
             batch, first_row, malformed = item
             if malformed is not None and malformed.num_rows:
-                self.rows_read.inc(malformed.num_rows)
-                self.rows_dead.inc(malformed.num_rows)
-                counter(f"dead:{events.REASON_MALFORMED_ROW}").inc(malformed.num_rows)
+                tally.inc("rows_read", malformed.num_rows)
+                tally.inc("rows_dead", malformed.num_rows)
+                tally.inc(f"dead:{events.REASON_MALFORMED_ROW}", malformed.num_rows)
                 yield beam.pvalue.TaggedOutput("dead", malformed)
             if batch.num_rows == 0:
                 continue
-            self.rows_read.inc(batch.num_rows)
-            with stage_timer("validate"):
+            tally.inc("rows_read", batch.num_rows)
+            with tally.timer("validate"):
                 result = validate.validate_batch(batch, date=self.date, source_file=path,
                                                  first_row_number=first_row,
                                                  synthesize_event_ids=not projected,
@@ -183,15 +199,15 @@ class ReadValidateAndShardFn(beam.DoFn):
             if result.dead.num_rows and projected:
                 result = dataclasses.replace(result, dead=self._full_dead_rows(path, result.dead))
             if result.dead.num_rows:
-                self.rows_dead.inc(result.dead.num_rows)
+                tally.inc("rows_dead", result.dead.num_rows)
                 reasons = pc.value_counts(result.dead.column("reason")).to_pylist()
                 for item in reasons:
-                    counter(f"dead:{item['values']}").inc(item["counts"])
+                    tally.inc(f"dead:{item['values']}", item["counts"])
                 yield beam.pvalue.TaggedOutput("dead", result.dead)
-            self.rows_valid.inc(result.valid.num_rows)
+            tally.inc("rows_valid", result.valid.num_rows)
             if result.valid.num_rows == 0:
                 continue
-            with stage_timer("shard"):
+            with tally.timer("shard"):
                 valid = pa.Table.from_batches([result.valid])
                 unit = _hash_maybe_dictionary(valid.column("user_id"))
                 slim = _decode_dictionaries(valid.select([c for c in self.columns if c != "event_type"]))
@@ -202,7 +218,6 @@ class ReadValidateAndShardFn(beam.DoFn):
                 parts = [(shard, part.combine_chunks().to_batches()[0])
                          for shard, part in split_by_key(slim, unit, self.n_shards)]
             yield from parts
-
 
     def _full_dead_rows(self, path: str, dead: pa.RecordBatch) -> pa.RecordBatch:
         """Dead letters with every raw column, re-read for just those rows."""
@@ -216,27 +231,47 @@ class ReadValidateAndShardFn(beam.DoFn):
 
 
 class BoundAndAggregateFn(beam.DoFn):
-    """All rows of the units of one shard -> per-output partial aggregates by bucket."""
+    """All rows of the units of one shard -> per-output partial aggregates by bucket.
 
-    def __init__(self, spec: JobSpec, public_keys: dict, n_buckets: int):
+    Shards are processed on `threads` threads (see transforms.parallel); outputs keep shard order.
+    """
+
+    def __init__(self, spec: JobSpec, public_keys: dict, n_buckets: int, threads: int = 1):
         self.spec = spec
         self.public_keys = public_keys
         self.n_buckets = n_buckets
+        self.threads = threads
         self.pseudonym_key = None
+        self.pool = None
 
     def setup(self):
         # The HMAC key is read on the worker at run time and never put in the pipeline graph.
         if any(lo.row_key == "pseudonym" for lo in self.spec.local_outputs):
             from transforms import local_dp
             self.pseudonym_key = local_dp.pseudonym_key_from_env()
+        self.pool = OrderedPool(self.threads)
 
-    def process(self, element):
+    def start_bundle(self):
+        self.pool.reset()
+
+    def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         shard, batches = element
-        batches = [b for b in batches if b.num_rows]
+        batches = [b for b in batches if b.num_rows]  # materialized on the bundle thread
         if not batches:
             return
-        with stage_timer("bound_aggregate"):
+        yield from self.pool.submit(lambda tally: self._shard(batches, tally), window, timestamp)
+
+    def finish_bundle(self):
+        yield from self.pool.drain()
+
+    def teardown(self):
+        if self.pool is not None:
+            self.pool.close()
+
+    def _shard(self, batches: list, tally: Tally) -> list:
+        with tally.timer("bound_aggregate"):
             table = pa.Table.from_batches(batches).combine_chunks()
+            del batches[:]
             unit = table.column(UNIT).to_numpy()
             view = bounding.ShardView(table, unit)
             out = []
@@ -246,18 +281,18 @@ class BoundAndAggregateFn(beam.DoFn):
                         table, unit, output, self.public_keys.get(output.name), view=view)
                 else:
                     partial, stats = bounding.special_output_counts(view, output)
-                counter(f"out:{output.name}:rows_eligible").inc(stats["rows_eligible"])
-                counter(f"out:{output.name}:rows_kept").inc(stats["rows_kept"])
+                tally.inc(f"out:{output.name}:rows_eligible", stats["rows_eligible"])
+                tally.inc(f"out:{output.name}:rows_kept", stats["rows_kept"])
                 keys = partial.column(bounding.KEY_HASH).to_numpy()
                 out.extend(((output.name, bucket), part)
                            for bucket, part in split_by_key(partial, keys, self.n_buckets))
         if self.spec.local_outputs:
-            with stage_timer("local_dp"):
-                local = [(lo.name, local_dp_rows(view, lo, self.pseudonym_key)) for lo in self.spec.local_outputs]
-            for name, rows in local:
-                counter(f"local:{name}:rows").inc(rows.num_rows)
-                yield beam.pvalue.TaggedOutput("local", (name, rows))
-        yield from out
+            with tally.timer("local_dp"):
+                for lo in self.spec.local_outputs:
+                    rows = local_dp_rows(view, lo, self.pseudonym_key)
+                    tally.inc(f"local:{lo.name}:rows", rows.num_rows)
+                    out.append(beam.pvalue.TaggedOutput("local", (lo.name, rows)))
+        return out
 
 
 def _public_subset(keys: Optional[pa.Array], bucket: int, n_buckets: int) -> Optional[pa.Array]:
@@ -371,19 +406,20 @@ class NightlyRelease(beam.PTransform):
     def __init__(self, spec: JobSpec, plan: BudgetPlan, *, date: datetime.date, staging_dir: str,
                  dead_dir: str, public_keys: dict, file_metadata: dict, n_shards: int = 8,
                  n_buckets: int = 8, batch_rows: int = 1_000_000, sampler: str = "secure",
-                 no_noise: bool = False):
+                 no_noise: bool = False, threads: int = 1):
         super().__init__()
         self.spec, self.plan, self.date = spec, plan, date
         self.staging_dir, self.dead_dir = staging_dir, dead_dir
         self.public_keys, self.file_metadata = public_keys, file_metadata
         self.n_shards, self.n_buckets, self.batch_rows = n_shards, n_buckets, batch_rows
         self.sampler, self.no_noise = sampler, no_noise
+        self.threads = threads
 
     def expand(self, paths):
         spec = self.spec
         read = (paths
                 | "ReadValidateAndShard" >> beam.ParDo(
-                    ReadValidateAndShardFn(spec, self.date, self.n_shards, self.batch_rows)
+                    ReadValidateAndShardFn(spec, self.date, self.n_shards, self.batch_rows, self.threads)
                 ).with_outputs("dead", main="valid"))
         # Declare element types so Beam picks the Arrow IPC coders for the shuffles.
         read.dead.element_type = pa.RecordBatch
@@ -393,7 +429,7 @@ class NightlyRelease(beam.PTransform):
         bounded = (read.valid
                    | "GroupByUnitShard" >> beam.GroupByKey()
                    | "BoundAndAggregate" >> beam.ParDo(
-                       BoundAndAggregateFn(spec, self.public_keys, self.n_buckets)
+                       BoundAndAggregateFn(spec, self.public_keys, self.n_buckets, self.threads)
                    ).with_outputs("local", main="partials"))
         partials = bounded.partials
         partials.element_type = Tuple[Tuple[str, int], pa.Table]
