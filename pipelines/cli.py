@@ -307,8 +307,12 @@ def main(argv: Optional[list] = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
+        # The run's accounting (dp_accounting, SciPy) is computed in a helper process
+        # while this one imports Beam; see pipelines/prefetch.py.
+        from pipelines import prefetch
+        ahead = prefetch.start(rest)
         from pipelines import nightly
-        return nightly.run(rest).exit_code
+        return nightly.run(rest, prefetch=ahead).exit_code
     if cmd == "backfill":
         return _backfill(rest)
     if cmd == "ledger":

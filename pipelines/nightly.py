@@ -46,7 +46,7 @@ import shutil
 import sys
 import time
 import uuid
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import apache_beam as beam
 import pyarrow as pa
@@ -60,6 +60,11 @@ from transforms import ledger as ledger_lib
 from transforms.budget import BudgetPlan
 from transforms.parallel import auto_threads
 from transforms.spec import JobSpec, SpecError, load_spec
+from pipelines.prefetch import DEFAULT_SPEC, ledger_path_for, local_dp_events, run_events
+from pipelines.prefetch import default_quarantine as _default_quarantine
+
+if TYPE_CHECKING:
+    from pipelines.prefetch import Prefetch
 
 LOG = logging.getLogger("clickdp")
 
@@ -69,8 +74,6 @@ EXIT_BAD_SPEC = 2
 EXIT_BAD_INPUT = 3
 EXIT_REFUSED = 4
 
-DEFAULT_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "nightly.yaml")
 NO_NOISE_ENV = "CLICKDP_ALLOW_NO_NOISE"
 # Test-only: kill the process (os._exit(137), like kill -9) at a named point of the run.
 CRASH_ENV = "CLICKDP_TEST_CRASH_AT"
@@ -148,18 +151,6 @@ def check_not_future(date: datetime.date, flag: str = "--date") -> None:
     if date > today:
         raise SpecError(flag, f"{date} is in the future (today is {today} UTC); a day can only be released "
                               "once it has happened")
-
-
-def _default_quarantine(output: str) -> str:
-    return output.rstrip("/") + "_quarantine"
-
-
-def ledger_path_for(spec: Optional[JobSpec], ledger: Optional[str], quarantine: str) -> str:
-    if ledger:
-        return ledger
-    if spec is not None and spec.ledger.path:
-        return spec.ledger.path
-    return ledger_lib.default_path(quarantine)
 
 
 def log_event(event: str, **fields) -> None:
@@ -337,14 +328,21 @@ def _pipeline_options(beam_args: list) -> tuple:
     return options, None, runner_name
 
 
-def run(argv: Optional[list] = None) -> RunResult:
+def run(argv: Optional[list] = None, prefetch: Optional["Prefetch"] = None) -> RunResult:
     """Parses arguments, checks everything, runs the pipeline, publishes. Never raises
-    for user errors: returns a RunResult whose exit_code a scheduler can act on."""
+    for user errors: returns a RunResult whose exit_code a scheduler can act on.
+
+    prefetch: accounting started ahead by pipelines.prefetch.start(argv) (optional)."""
     parser = argparse.ArgumentParser(prog="clickdp run", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
     try:
-        return _run(args, beam_args)
+        args, beam_args = parser.parse_known_args(argv)
+    except SystemExit:
+        if prefetch is not None:
+            prefetch.cancel()
+        raise
+    try:
+        return _run(args, beam_args, prefetch)
     except SpecError as exc:
         return _fail(EXIT_BAD_SPEC, f"bad job spec or arguments: {exc}")
     except readers.InputError as exc:
@@ -353,6 +351,10 @@ def run(argv: Optional[list] = None) -> RunResult:
         return _fail(EXIT_REFUSED, f"refused: {exc}")
     except ledger_lib.LedgerError as exc:
         return _fail(EXIT_FAILURE, f"ledger: {exc}")
+    finally:
+        if prefetch is not None:
+            prefetch.cancel()
+            accounting.clear_precomputed()
 
 
 def _fail(code: int, message: str) -> RunResult:
@@ -361,7 +363,7 @@ def _fail(code: int, message: str) -> RunResult:
     return RunResult(exit_code=code, message=message)
 
 
-def _run(args, beam_args) -> RunResult:
+def _run(args, beam_args, prefetch=None) -> RunResult:
     t0 = time.time()
     no_noise = bool(args.unsafe_no_noise_for_tests)
     if no_noise and os.environ.get(NO_NOISE_ENV) != "1":
@@ -377,9 +379,11 @@ def _run(args, beam_args) -> RunResult:
         raise SpecError("--run-id", f"must match {_RUN_ID_RE.pattern}, got {args.run_id!r}")
     check_not_future(args.date)
     spec = load_spec(args.spec)
+    if prefetch is not None:  # results of the accounting calls below, computed meanwhile
+        log_event("prefetched", calls=prefetch.install())
     plan = accounting.plan_for_spec(spec)
     privacy = accounting.report(plan, spec.accountant)
-    events = accounting.mechanism_events(plan) + local_dp_events(spec)
+    events = run_events(plan, spec)
     if any(lo.row_key == "pseudonym" for lo in spec.local_outputs):
         from transforms import local_dp
         try:
@@ -450,13 +454,6 @@ def _run(args, beam_args) -> RunResult:
                         else "nothing was published")
                 return _fail(EXIT_FAILURE, f"run {run_id} failed, {what}: {type(exc).__name__}: {exc}")
             raise
-
-
-def local_dp_events(spec: JobSpec) -> list:
-    """Ledger events of the local-DP outputs: a pure epsilon per shopper (own guarantee)."""
-    return [{"output": lo.name, "metric": None, "component": "local_dp", "mechanism": "local_dp",
-             "epsilon": float(lo.epsilon), "delta": 0.0, "pld": "privacy_parameters"}
-            for lo in spec.local_outputs]
 
 
 def _published_names(spec: JobSpec, staging: str, date: datetime.date) -> list:

@@ -82,3 +82,15 @@ def test_default_spec_budget():
     spec = load_spec("configs/nightly.yaml")
     eps, delta = plan_budget(spec).spent()
     assert eps <= spec.epsilon and delta <= spec.delta
+
+
+@pytest.mark.parametrize("l0", [1, 2, 3, 5, 10, 64])
+@pytest.mark.parametrize("linf, per_row", [(1, 1.0), (2, 1.0), (5, 200.0), (3, 0.5)])
+def test_sensitivities_are_pipeline_dps_exactly(l0, linf, per_row):
+    from pipeline_dp import dp_computations as dpc
+    from transforms.budget import _sensitivities
+    from transforms.spec import Bounds
+    l1, l2 = _sensitivities(Bounds(max_partitions_contributed=l0, max_contributions_per_partition=linf),
+                            per_row, distinct_units=False)
+    assert l1 == dpc.compute_l1_sensitivity(l0, linf * per_row)
+    assert l2 == float(dpc.compute_l2_sensitivity(l0, linf * per_row))

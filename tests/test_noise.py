@@ -338,3 +338,15 @@ def test_no_seeded_or_numpy_random_generator_in_source(module_name):
         elif isinstance(node, ast.keyword) and node.arg:
             names.add(node.arg)
     assert not names & FORBIDDEN_IDENTIFIERS, names & FORBIDDEN_IDENTIFIERS
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.25, 1.0, math.log(3), 3.7, 20.0])
+@pytest.mark.parametrize("sens", [1.0, 2.5, 12.0, 600.0])
+def test_calibration_is_pipeline_dps_exactly(eps, sens):
+    # The run calls python-dp directly (importing pipeline-dp costs seconds); the scales
+    # must be bit-for-bit what pipeline-dp's dp_computations gives.
+    from pipeline_dp import dp_computations as dpc
+    assert calibrate_laplace(eps, sens).scale == dpc.LaplaceMechanism.create_from_epsilon(eps, sens).noise_parameter
+    for delta in (1e-10, 1e-7, 1e-5):
+        assert (calibrate_gaussian(eps, delta, sens).scale
+                == dpc.GaussianMechanism.create_from_epsilon_delta(eps, delta, sens).std)

@@ -31,13 +31,12 @@ noise for the same guarantee.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 import json
 import math
-from typing import Iterable, Optional, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
 
 if TYPE_CHECKING:  # imported lazily below: dp_accounting and pipeline-dp take seconds to import,
     from transforms.budget import BudgetPlan, Mechanism  # and the ledger's naive path needs neither
@@ -61,6 +60,57 @@ _SELF_COMPOSE_FROM = 4
 MAX_PLD_POINTS = 4_000_000
 #: Smallest gain (relative epsilon per mechanism) worth giving up half of delta for.
 MIN_GAIN = 0.01
+
+
+# --------------------------------------------------------------------------------------
+# Results computed ahead (pipelines/prefetch.py)
+# --------------------------------------------------------------------------------------
+
+# {call key: result} of calls computed by a helper process while this one imports Beam.
+_PRECOMPUTED: dict = {}
+# While not None, the results of prefetchable calls are recorded here (in the helper).
+_RECORDING: Optional[dict] = None
+
+
+def _call_key(name: str, args: tuple) -> str:
+    # repr of the arguments (floats repr exactly): a hit needs identical inputs.
+    return f"{name}{args!r}"
+
+
+def prefetchable(fn):
+    """A pure accounting call whose result may come from :func:`install_precomputed`.
+
+    A call is answered from there only when its arguments are identical (same repr) to
+    the ones the result was computed for; otherwise it is computed here, as always."""
+    @functools.wraps(fn)
+    def call(*args):
+        key = _call_key(fn.__name__, args)
+        if key in _PRECOMPUTED:
+            return copy.deepcopy(_PRECOMPUTED[key])
+        result = fn(*args)
+        if _RECORDING is not None:
+            _RECORDING[key] = copy.deepcopy(result)
+        return result
+    return call
+
+
+def install_precomputed(results: dict) -> None:
+    _PRECOMPUTED.update(results)
+
+
+def clear_precomputed() -> None:
+    _PRECOMPUTED.clear()
+
+
+def record_calls(run) -> dict:
+    """Runs ``run()`` and returns the results of the prefetchable calls it made."""
+    global _RECORDING
+    _RECORDING = {}
+    try:
+        run()
+        return _RECORDING
+    finally:
+        _RECORDING = None
 
 
 # --------------------------------------------------------------------------------------
@@ -181,6 +231,7 @@ def epsilon_pld(events: Iterable[dict], delta: float, vdi: float = VALUE_DISCRET
     return 0.0 if total is None else float(total.get_epsilon_for_delta(delta))
 
 
+@prefetchable
 def compose_runs(runs: Sequence[Sequence[dict]], delta: float, accountant: str) -> float:
     """Like :func:`compose` on all events of several runs, faster for a ledger window:
     runs with identical events (nights of one spec) are composed once, then self-composed."""
@@ -220,6 +271,7 @@ def delta_pld(events: Iterable[dict], epsilon: float) -> float:
     return 0.0 if total is None else float(total.get_delta_for_epsilon(epsilon))
 
 
+@prefetchable
 def compose(events: Sequence[dict], delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` of the composition of ``events`` under ``accountant``.
 
@@ -312,6 +364,7 @@ def calibrate_pld_plan(spec: JobSpec) -> tuple[BudgetPlan, float]:
     return scale_plan(base, lo, epsilon=spec.epsilon, delta=spec.delta), lo
 
 
+@prefetchable
 def plan_for_spec(spec: JobSpec) -> BudgetPlan:
     """The run's frozen budget plan under the spec's accountant."""
     if spec.accountant == "pld":
@@ -326,6 +379,7 @@ def run_epsilon(plan: BudgetPlan, accountant: str) -> float:
     return compose(mechanism_events(plan), plan.delta, accountant)
 
 
+@prefetchable
 def report(plan: BudgetPlan, accountant: str) -> dict:
     """What the run summary and the manifest say about the run's privacy."""
     events = mechanism_events(plan)

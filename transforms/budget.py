@@ -24,7 +24,6 @@ import dataclasses
 import math
 from typing import Optional
 
-from pipeline_dp import dp_computations
 
 from transforms import noise as noise_lib
 from transforms.spec import Bounds, JobSpec, Metric, Output
@@ -120,8 +119,10 @@ def _sensitivities(bounds: Bounds, per_row: float, distinct_units: bool) -> tupl
     """(L1, L2) of a per-partition statistic whose rows each move it by at most per_row."""
     l0 = bounds.max_partitions_contributed
     linf = 1 if distinct_units else bounds.max_contributions_per_partition
-    l1 = dp_computations.compute_l1_sensitivity(l0, linf * per_row)
-    l2 = float(dp_computations.compute_l2_sensitivity(l0, linf * per_row))
+    # pipeline-dp's compute_l1_sensitivity / compute_l2_sensitivity (tests check they agree);
+    # not imported: pipeline-dp's import pulls in Beam, dp_accounting and SciPy.
+    l1 = l0 * (linf * per_row)
+    l2 = math.sqrt(l0) * (linf * per_row)
     if bounds.max_contributions is not None:
         c = bounds.max_contributions
         l1 = min(l1, c * per_row)

@@ -41,6 +41,7 @@ import os
 import socket
 import sqlite3
 import time
+import urllib.parse
 from typing import Iterable, Optional, Sequence
 
 from transforms import accounting
@@ -200,10 +201,13 @@ def manifest_run_id(path: Optional[str]) -> Optional[str]:
 
 
 class Ledger:
-    """A privacy ledger file. ``create=False`` refuses to create a missing ledger."""
+    """A privacy ledger file. ``create=False`` refuses to create a missing ledger;
+    ``read_only=True`` (implies create=False) opens it for queries only, taking no write lock."""
 
-    def __init__(self, path: str, *, create: bool = True, timeout: float = 60.0):
+    def __init__(self, path: str, *, create: bool = True, timeout: float = 60.0, read_only: bool = False):
         self.path = path
+        self.read_only = read_only
+        create = create and not read_only
         if "://" in path:
             raise LedgerError(f"ledger {path}: must be a local file (SQLite cannot live on an object store); "
                               "set ledger.path in the spec or --ledger")
@@ -225,7 +229,11 @@ class Ledger:
         else:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
-            self.conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+            if read_only:
+                uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None)
+            else:
+                self.conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
             with self.transaction():
                 if exists and os.path.getsize(path) > 0:
                     self._check_schema()
@@ -262,7 +270,7 @@ class Ledger:
         """One IMMEDIATE transaction: takes SQLite's write lock at BEGIN, so check-then-write
         sequences of concurrent processes are serialized."""
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("BEGIN" if self.read_only else "BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise LedgerError(f"ledger {self.path}: could not lock it ({exc}); another run holds it") from None
         try:

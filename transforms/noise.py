@@ -192,15 +192,17 @@ def _check_sensitivity(name: str, value) -> float:
 
 
 def calibrate_laplace(epsilon: float, l1_sensitivity: float) -> NoiseParams:
-    """Laplace mechanism: b from pipeline-dp / python-dp (``b = l1 / eps``)."""
-    from pipeline_dp import dp_computations
+    """Laplace mechanism: b from python-dp (``b = l1 / eps``), the mechanism pipeline-dp's
+    ``LaplaceMechanism.create_from_epsilon`` wraps (tests check both agree). python-dp is
+    called directly: importing pipeline-dp pulls in Beam, dp_accounting and SciPy."""
+    from pydp.algorithms import numerical_mechanisms as nm
 
     epsilon = _check_epsilon(epsilon)
     l1 = _check_sensitivity("l1_sensitivity", l1_sensitivity)
-    mech = dp_computations.LaplaceMechanism.create_from_epsilon(epsilon, l1)
+    mech = nm.LaplaceMechanism(epsilon=epsilon, sensitivity=l1)
     return NoiseParams(
         kind=NoiseKind.LAPLACE,
-        scale=float(mech.noise_parameter),
+        scale=float(mech.diversity),
         epsilon=epsilon,
         delta=0.0,
         l1_sensitivity=l1,
@@ -212,16 +214,17 @@ def calibrate_gaussian(epsilon: float, delta: float, l2_sensitivity: float) -> N
     """Gaussian mechanism: sigma from pipeline-dp / python-dp.
 
     python-dp uses the analytic Gaussian mechanism (Balle & Wang 2018) and rounds sigma
-    up to a power-of-two grid, e.g. eps=1, delta=1e-5, l2=1 -> 3.732421875.
+    up to a power-of-two grid, e.g. eps=1, delta=1e-5, l2=1 -> 3.732421875. This is the
+    mechanism pipeline-dp's ``GaussianMechanism.create_from_epsilon_delta`` wraps.
     """
-    from pipeline_dp import dp_computations
+    from pydp.algorithms import numerical_mechanisms as nm
 
     epsilon = _check_epsilon(epsilon)
     delta = float(delta)
     if not 0.0 < delta < 1.0:
         raise ValueError(f"delta must be in (0, 1) for the Gaussian mechanism, got {delta!r}")
     l2 = _check_sensitivity("l2_sensitivity", l2_sensitivity)
-    mech = dp_computations.GaussianMechanism.create_from_epsilon_delta(epsilon, delta, l2)
+    mech = nm.GaussianMechanism(epsilon=epsilon, delta=delta, sensitivity=l2)
     return NoiseParams(
         kind=NoiseKind.GAUSSIAN,
         scale=float(mech.std),
