@@ -148,3 +148,14 @@ def test_public_keys_drop_other_partitions_before_bounding():
         partial, _ = bounding.bound_and_aggregate(t, np.array([1, 1], np.uint64), out,
                                                   public_keys=pa.array(["p1", "p2"]))
         assert partial.column("product_id").to_pylist() == ["p1"]
+
+
+def test_codes_in_matches_isin_and_never_hits_null():
+    from transforms.bounding import codes_in
+    rng = np.random.default_rng()
+    for n_codes in (1, 2, 7, 1000):
+        codes = rng.integers(-1, n_codes, size=5000)
+        hit = rng.choice(n_codes, size=min(3, n_codes), replace=False)
+        assert np.array_equal(codes_in(codes, hit, n_codes), np.isin(codes, hit))
+        assert not codes_in(codes, hit, n_codes)[codes == -1].any()
+    assert codes_in(np.array([-1, 0]), np.array([], dtype=np.int64), 1).tolist() == [False, False]

@@ -31,6 +31,21 @@ PID_COUNT = "__pid_count"  # privacy units per partition after bounding (drives 
 ROWS_KEPT = "__rows_kept"
 
 
+def _numpy_filled(arr, fill) -> np.ndarray:
+    """arr (Arrow array or chunked array) as numpy with nulls replaced by `fill`."""
+    if arr.null_count:
+        arr = pc.fill_null(arr, fill)
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def codes_in(codes: np.ndarray, hit_codes: np.ndarray, n_codes: int) -> np.ndarray:
+    """np.isin(codes, hit_codes) for codes in -1..n_codes-1 (-1 = null never hits), as one
+    gather from a lookup table instead of np.isin's sort."""
+    lut = np.zeros(n_codes + 1, dtype=bool)  # the last slot answers code -1
+    lut[np.asarray(hit_codes, dtype=np.int64)] = True
+    return lut[codes]
+
+
 def _rng(rng: Optional[np.random.Generator]) -> np.random.Generator:
     return rng if rng is not None else np.random.default_rng()
 
@@ -182,7 +197,7 @@ class ShardView:
         """(int64 codes with -1 for null, dictionary) of a string column."""
         if column == "event_type" and EVENT_TYPE_CODE in self.table.column_names:
             if column not in self._codes:
-                codes = pc.fill_null(self.table.column(EVENT_TYPE_CODE), -1).to_numpy()
+                codes = _numpy_filled(self.table.column(EVENT_TYPE_CODE), -1)
                 self._codes[column] = (codes.astype(np.int64), EVENT_TYPE_DICTIONARY)
             return self._codes[column]
         if column not in self._codes:
@@ -192,7 +207,7 @@ class ShardView:
             elif isinstance(col, pa.ChunkedArray):
                 col = col.unify_dictionaries().combine_chunks() if col.num_chunks > 1 else col.chunk(0)
             idx = col.indices
-            codes = pc.fill_null(idx, -1).to_numpy().astype(np.int64)
+            codes = _numpy_filled(idx, -1).astype(np.int64)
             self._codes[column] = (codes, col.dictionary)
         return self._codes[column]
 
@@ -216,7 +231,7 @@ class ShardView:
                 codes, dictionary = self.codes(column)
                 hit_codes = np.flatnonzero(np.asarray(
                     pc.fill_null(pc.is_in(dictionary, value_set=pa.array(values, pa.string())), False)))
-                hit = np.isin(codes, hit_codes)
+                hit = codes_in(codes, hit_codes, len(dictionary))
                 if op == "not in":
                     hit = ~hit & (codes >= 0)
                 mask &= hit
@@ -297,7 +312,7 @@ def bound_and_aggregate(table: pa.Table, unit: np.ndarray, output: Output,
         codes, dictionary = view.codes(output.partition_keys[0])
         public_codes = np.flatnonzero(np.asarray(
             pc.fill_null(pc.is_in(dictionary, value_set=public_keys), False)))
-        mask &= np.isin(codes, public_codes)
+        mask &= codes_in(codes, public_codes, len(dictionary))
     idx = np.flatnonzero(mask)
     stats["rows_eligible"] = int(idx.size)
     if idx.size == 0:
