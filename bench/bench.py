@@ -232,7 +232,7 @@ def main(argv=None) -> int:
           f"{statistics.median(r['pipeline_s'] or 0 for r in runs):.1f} s; post-processing "
           f"{statistics.median(r['postprocess_wall_s'] or 0 for r in runs):.1f} s more)")
     for k, v in sorted(result["median_stage_s"].items(), key=lambda kv: -kv[1]):
-        print(f"  stage {k:18s} {v:7.2f} s (summed over workers)")
+        print(f"  stage {k:18s} {v:7.2f} s (summed over worker threads)")
     if not args.skip_baselines:
         pdp, duck = result["pipeline_dp_beam"], result["duckdb"]
         print(f"pipeline-dp on Beam  {pdp['events_per_s']:>12,.0f} events/s ({pdp['events']:,} events in "

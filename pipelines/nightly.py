@@ -380,7 +380,9 @@ def _run(args, beam_args, prefetch=None) -> RunResult:
     check_not_future(args.date)
     spec = load_spec(args.spec)
     if prefetch is not None:  # results of the accounting calls below, computed meanwhile
-        log_event("prefetched", calls=prefetch.install())
+        t_wait = time.time()
+        calls = prefetch.install()
+        log_event("prefetched", calls=calls, waited_seconds=round(time.time() - t_wait, 3))
     plan = accounting.plan_for_spec(spec)
     privacy = accounting.report(plan, spec.accountant)
     events = run_events(plan, spec)
