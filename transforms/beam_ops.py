@@ -210,12 +210,14 @@ class ReadValidateAndShardFn(beam.DoFn):
             with tally.timer("shard"):
                 valid = pa.Table.from_batches([result.valid])
                 unit = _hash_maybe_dictionary(valid.column("user_id"))
-                slim = _decode_dictionaries(valid.select([c for c in self.columns if c != "event_type"]))
+                slim = valid.select([c for c in self.columns if c != "event_type"])
                 slim = slim.append_column(UNIT, pa.array(unit, pa.uint64()))
                 if "event_type" in self.columns:  # ship the type as a 1-byte code
                     etype = _index_in_maybe_dictionary(valid.column("event_type"), bounding.EVENT_TYPE_DICTIONARY)
                     slim = slim.append_column(bounding.EVENT_TYPE_CODE, etype.cast(pa.int8()))
-                parts = [(shard, part.combine_chunks().to_batches()[0])
+                # Reorder while strings are still dictionary codes, then decode each shard's part
+                # once (decoding first would materialize every string twice).
+                parts = [(shard, _decode_dictionaries(part).combine_chunks().to_batches()[0])
                          for shard, part in split_by_key(slim, unit, self.n_shards)]
             yield from parts
 

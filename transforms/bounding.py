@@ -280,16 +280,22 @@ def empty_partial(output: Output) -> pa.Table:
     return partial_schema(output).empty_table()
 
 
-def _partition_codes(view: ShardView, output: Output, rows: np.ndarray) -> tuple[np.ndarray, list]:
-    """Dense partition codes of `rows` and, per key column, (codes, dictionary)."""
+def _partition_codes(view: ShardView, output: Output, rows: np.ndarray) -> tuple[np.ndarray, int, list]:
+    """Dense partition codes 0..k-1 of `rows`, k, and per key column (codes, dictionary)."""
     per_key = [view.codes(k) for k in output.partition_keys]
     if len(per_key) == 1:
-        return per_key[0][0][rows], per_key
+        # Codes of one column are already small (0..len(dictionary)-1): a lookup table
+        # re-densifies them to the partitions present, 10x faster than a hash encode.
+        codes = per_key[0][0][rows]
+        present = np.zeros(len(per_key[0][1]), dtype=bool)
+        present[codes] = True
+        remap = np.cumsum(present) - 1
+        return remap[codes], int(remap[-1]) + 1 if remap.size else 0, per_key
     combined = np.zeros(rows.size, dtype=np.int64)
     for codes, dictionary in per_key:
         combined = combined * (len(dictionary) + 1) + codes[rows]
-    dense, _ = dense_codes(combined)
-    return dense, per_key
+    dense, k = dense_codes(combined)
+    return dense, k, per_key
 
 
 def bound_and_aggregate(table: pa.Table, unit: np.ndarray, output: Output,
@@ -318,15 +324,10 @@ def bound_and_aggregate(table: pa.Table, unit: np.ndarray, output: Output,
     if idx.size == 0:
         stats["rows_kept"] = 0
         return empty_partial(output), stats
-    part_all, per_key = _partition_codes(view, output, idx)
-    # Re-densify to the partitions present among eligible rows.
-    part, n_parts = dense_codes(part_all)
-    first_row = np.full(n_parts, -1, dtype=np.int64)
-    is_first = np.empty(part.size, dtype=bool)  # codes appear in first-appearance order
-    is_first[0] = True
-    if part.size > 1:
-        np.greater(part[1:], np.maximum.accumulate(part[:-1]), out=is_first[1:])
-    first_row[part[is_first]] = idx[is_first]
+    # Dense codes of the partitions present among eligible rows.
+    part, n_parts, per_key = _partition_codes(view, output, idx)
+    some_row = np.empty(n_parts, dtype=np.int64)  # a row of each partition (for its key values)
+    some_row[part] = idx
 
     bounded = bound_contributions(view.unit[idx], part, output.bounds, rng,
                                   n_units=view.n_units, n_parts=n_parts)
@@ -336,7 +337,7 @@ def bound_and_aggregate(table: pa.Table, unit: np.ndarray, output: Output,
     cols = {}
     key_arrays = []
     for k, (codes, dictionary) in zip(output.partition_keys, per_key):
-        arr = dictionary.take(pa.array(codes[first_row])).cast(pa.string())
+        arr = dictionary.take(pa.array(codes[some_row])).cast(pa.string())
         cols[k] = arr
         key_arrays.append(arr)
     cols[KEY_HASH] = pa.array(hashing.hash_columns(key_arrays), pa.uint64())
