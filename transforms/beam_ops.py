@@ -81,7 +81,7 @@ def local_dp_rows(view: "bounding.ShardView", lo, pseudonym_key: Optional[bytes]
         # never has to travel past the first step.
         "user_id": pc.cast(t.column(UNIT), pa.string()),
         "event_type": etype_dict.take(pa.array(np.maximum(etype_codes, 0))),
-        "category": t.column("category"),
+        "category": bounding.plain_array(t.column("category")),
         "price": t.column("price"),
     })
     config = local_dp.LocalDPConfig(epsilon=lo.epsilon, categories=lo.categories,
@@ -131,11 +131,26 @@ def _index_in_maybe_dictionary(col, value_set: pa.Array) -> pa.Array:
     return pc.index_in(col, value_set=value_set)
 
 
-def _decode_dictionaries(table: pa.Table) -> pa.Table:
-    """Plain strings for the shuffle: per-batch dictionaries would travel with every slice."""
+# Low-cardinality string columns travel through the shuffle dictionary-encoded: their
+# dictionary (tens of entries) costs nothing next to 4-byte codes instead of strings.
+SHUFFLE_DICTIONARY_COLUMNS = ("category",)
+SHUFFLE_DICTIONARY_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def _shuffle_columns(table: pa.Table) -> pa.Table:
+    """Columns as they cross the shuffle, with one type per column whatever the input format:
+    SHUFFLE_DICTIONARY_COLUMNS dictionary-encoded, every other string column plain (a large
+    dictionary would travel whole with every slice of a batch)."""
     for i, field in enumerate(table.schema):
-        if pa.types.is_dictionary(field.type):
-            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+        col = table.column(i)
+        if field.name in SHUFFLE_DICTIONARY_COLUMNS:
+            if not pa.types.is_dictionary(field.type):
+                col = pc.dictionary_encode(col.cast(pa.string()))
+            if col.type != SHUFFLE_DICTIONARY_TYPE:
+                col = col.cast(SHUFFLE_DICTIONARY_TYPE)
+            table = table.set_column(i, pa.field(field.name, SHUFFLE_DICTIONARY_TYPE), col)
+        elif pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, col.cast(field.type.value_type))
     return table
 
 
@@ -217,7 +232,7 @@ class ReadValidateAndShardFn(beam.DoFn):
                     slim = slim.append_column(bounding.EVENT_TYPE_CODE, etype.cast(pa.int8()))
                 # Reorder while strings are still dictionary codes, then decode each shard's part
                 # once (decoding first would materialize every string twice).
-                parts = [(shard, _decode_dictionaries(part).combine_chunks().to_batches()[0])
+                parts = [(shard, _shuffle_columns(part).combine_chunks().to_batches()[0])
                          for shard, part in split_by_key(slim, unit, self.n_shards)]
             yield from parts
 

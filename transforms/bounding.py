@@ -406,6 +406,12 @@ def _one(col):
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
+def plain_array(col) -> pa.Array:
+    """A column as one plain (non-dictionary) array."""
+    col = _one(col)
+    return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
+
+
 def special_output_counts(view: ShardView, output: Output, rng=None) -> tuple[pa.Table, dict]:
     """Bounded per-key distinct-user counts for pairs and queries outputs (one shard)."""
     from transforms import pairs as pairs_lib
@@ -432,7 +438,7 @@ def special_output_counts(view: ShardView, output: Output, rng=None) -> tuple[pa
             etype = etype_dict.take(pa.array(np.maximum(etype_codes, 0)))
             cats_all = queries_lib.search_query_categories(
                 view.unit, _one(t.column("session_id")), _one(t.column("event_time")), etype,
-                _one(t.column("category")))
+                plain_array(t.column("category")))
             mask &= np.asarray(pc.is_valid(cats_all).to_numpy(zero_copy_only=False))
         idx = np.flatnonzero(mask)
         if opts["by_category"]:
