@@ -7,7 +7,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from transforms.parallel import OrderedPool, auto_threads
+from transforms.parallel import OrderedPool, PooledDoFn, auto_threads
 
 
 def _task(i, delay, record=None):
@@ -65,24 +65,12 @@ def test_auto_threads():
     assert auto_threads("DataflowRunner", 3) == 3
 
 
-class _PoolFn(beam.DoFn):
+class _PoolFn(PooledDoFn):
     def __init__(self, threads):
         self.threads = threads
 
-    def setup(self):
-        self.pool = OrderedPool(self.threads)
-
-    def start_bundle(self):
-        self.pool.reset()
-
     def process(self, x, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        yield from self.pool.submit(_task(x, 0.001 * (x % 3)), window, timestamp)
-
-    def finish_bundle(self):
-        yield from self.pool.drain()
-
-    def teardown(self):
-        self.pool.close()
+        yield from self.submit(_task(x, 0.001 * (x % 3)), window, timestamp)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -31,7 +31,7 @@ from apache_beam.metrics import Metrics
 
 from schemas import events
 from transforms import bounding, coders, hashing, readers, validate  # noqa: F401 (coders registers)
-from transforms.parallel import OrderedPool, Tally
+from transforms.parallel import PooledDoFn, Tally
 from transforms.budget import BudgetPlan
 from transforms.release import Releaser, add_public_partitions
 from transforms.spec import JobSpec
@@ -154,7 +154,7 @@ def _shuffle_columns(table: pa.Table) -> pa.Table:
     return table
 
 
-class ReadValidateAndShardFn(beam.DoFn):
+class ReadValidateAndShardFn(PooledDoFn):
     """Reads one file, validates it, routes valid rows to shards by privacy unit.
 
     Files are processed on `threads` threads (see transforms.parallel); outputs keep file order.
@@ -169,23 +169,9 @@ class ReadValidateAndShardFn(beam.DoFn):
         self.columns = needed_columns(spec)
         # Read only what validation and the outputs need; dead rows are re-read whole.
         self.read_columns = sorted((set(self.columns) | set(VALIDATED_COLUMNS)) & set(events.RAW_COLUMNS))
-        self.pool = None
-
-    def setup(self):
-        self.pool = OrderedPool(self.threads)
-
-    def start_bundle(self):
-        self.pool.reset()
 
     def process(self, path: str, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        yield from self.pool.submit(lambda tally: self._file(path, tally), window, timestamp)
-
-    def finish_bundle(self):
-        yield from self.pool.drain()
-
-    def teardown(self):
-        if self.pool is not None:
-            self.pool.close()
+        yield from self.submit(lambda tally: self._file(path, tally), window, timestamp)
 
     def _file(self, path: str, tally: Tally) -> Iterable:
         tally.inc("files_read")
@@ -247,7 +233,7 @@ class ReadValidateAndShardFn(beam.DoFn):
         return again.set_column(i, again.schema.field(i), dead.column("row_number"))
 
 
-class BoundAndAggregateFn(beam.DoFn):
+class BoundAndAggregateFn(PooledDoFn):
     """All rows of the units of one shard -> per-output partial aggregates by bucket.
 
     Shards are processed on `threads` threads (see transforms.parallel); outputs keep shard order.
@@ -259,31 +245,20 @@ class BoundAndAggregateFn(beam.DoFn):
         self.n_buckets = n_buckets
         self.threads = threads
         self.pseudonym_key = None
-        self.pool = None
 
     def setup(self):
+        super().setup()
         # The HMAC key is read on the worker at run time and never put in the pipeline graph.
         if any(lo.row_key == "pseudonym" for lo in self.spec.local_outputs):
             from transforms import local_dp
             self.pseudonym_key = local_dp.pseudonym_key_from_env()
-        self.pool = OrderedPool(self.threads)
-
-    def start_bundle(self):
-        self.pool.reset()
 
     def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         shard, batches = element
         batches = [b for b in batches if b.num_rows]  # materialized on the bundle thread
         if not batches:
             return
-        yield from self.pool.submit(lambda tally: self._shard(batches, tally), window, timestamp)
-
-    def finish_bundle(self):
-        yield from self.pool.drain()
-
-    def teardown(self):
-        if self.pool is not None:
-            self.pool.close()
+        yield from self.submit(lambda tally: self._shard(batches, tally), window, timestamp)
 
     def _shard(self, batches: list, tally: Tally) -> list:
         with tally.timer("bound_aggregate"):

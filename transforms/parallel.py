@@ -122,6 +122,30 @@ class OrderedPool:
             self._executor = None
 
 
+class PooledDoFn(beam.DoFn):
+    """A DoFn that runs the work of each element on an OrderedPool of ``self.threads``
+    threads: ``process`` yields from ``self.submit(task, window, timestamp)``."""
+
+    threads = 1
+    pool = None
+
+    def setup(self):
+        self.pool = OrderedPool(self.threads)
+
+    def start_bundle(self):
+        self.pool.reset()
+
+    def submit(self, task: Task, window, timestamp) -> Iterator:
+        return self.pool.submit(task, window, timestamp)
+
+    def finish_bundle(self):
+        yield from self.pool.drain()
+
+    def teardown(self):
+        if self.pool is not None:
+            self.pool.close()
+
+
 def _result(future: Future) -> list:
     return future.result()
 
