@@ -55,7 +55,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms import accounting, beam_ops, readers
+from transforms import accounting, beam_ops, fileshuffle, readers
 from transforms import ledger as ledger_lib
 from transforms.budget import BudgetPlan
 from transforms.parallel import auto_threads
@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, date_required: bool = True
     parser.add_argument("--shards", type=int, default=8, help="privacy-unit shards (default 8)")
     parser.add_argument("--buckets", type=int, default=8, help="partition-key buckets (default 8)")
     parser.add_argument("--batch-rows", type=int, default=1_000_000, help="rows per read batch")
+    parser.add_argument("--shuffle", choices=("auto", "beam", "files"), default="auto",
+                        help="how shard parts reach the bound step: files = local Arrow files, only Beam's "
+                             "grouping of their paths (in-process local runner only); beam = Beam's shuffle; "
+                             "auto (default) = files on the local runner, beam elsewhere")
+    parser.add_argument("--shuffle-dir", default=None,
+                        help="where --shuffle files makes its private temporary directory (default: the "
+                             "system temp dir; removed when the run ends)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads per worker for the read and bound steps (default 0 = all cores on "
                              "the local runner, 1 on distributed runners, which run a worker per core)")
@@ -492,8 +499,14 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
     dead_dir = FileSystems.join(quarantine, "dead_letter", f"dt={args.date.isoformat()}", f"run={run_id}")
     options, runner, runner_name = _pipeline_options(beam_args)
     threads = auto_threads(runner_name, args.threads)
+    use_files = args.shuffle == "files" or (args.shuffle == "auto" and runner_name in fileshuffle.IN_PROCESS_RUNNERS)
+    if use_files and runner_name not in fileshuffle.IN_PROCESS_RUNNERS:
+        raise SpecError("--shuffle", f"files needs the in-process local runner (workers share its disk), "
+                                     f"not {runner_name}")
+    shuffle_dir = fileshuffle.make_dir(args.shuffle_dir) if use_files else None
     log_event("start", run_id=run_id, job=spec.job, date=args.date.isoformat(), files=inputs["files"],
-              bytes=inputs["bytes"], runner=runner_name, threads=threads)
+              bytes=inputs["bytes"], runner=runner_name, threads=threads,
+              shuffle="files" if use_files else "beam")
     pipeline = beam.Pipeline(runner=runner, options=options) if runner else beam.Pipeline(options=options)
     _ = (pipeline
          | "ListInputs" >> beam.Create(paths)
@@ -502,10 +515,13 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
              spec, plan, date=args.date, staging_dir=staging, dead_dir=dead_dir,
              public_keys=public_keys, file_metadata=_file_metadata(spec, plan, args.date, run_id),
              n_shards=args.shards, n_buckets=args.buckets, batch_rows=args.batch_rows,
-             sampler=args.noise_sampler, no_noise=no_noise, threads=threads))
+             sampler=args.noise_sampler, no_noise=no_noise, threads=threads, shuffle_dir=shuffle_dir))
     t_pipe = time.time()
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    finally:
+        fileshuffle.remove_dir(shuffle_dir)
     pipeline_seconds = time.time() - t_pipe
     counters = _counters(result)
     log_event("pipeline_done", run_id=run_id, state=str(state), seconds=round(pipeline_seconds, 3),
@@ -550,7 +566,7 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
     summary = {
         "operator_only": "NOT differentially private: raw counts for the operator; never publish",
         "run_id": run_id, "job": spec.job, "date": args.date.isoformat(), "runner": runner_name,
-        "threads": threads, "seconds": {"total": round(time.time() - t0, 3), "pipeline": round(pipeline_seconds, 3)},
+        "threads": threads, "shuffle": "files" if shuffle_dir else "beam", "seconds": {"total": round(time.time() - t0, 3), "pipeline": round(pipeline_seconds, 3)},
         "inputs": inputs,
         "rows": {"read": rows_read, "valid": rows_valid, "dead_lettered": rows_dead,
                  "dead_by_reason": {k.split(":", 1)[1]: v for k, v in counters.items() if k.startswith("dead:")},

@@ -45,11 +45,12 @@ def test_no_noise_needs_env(tmp_path, monkeypatch):
     assert "test-only" in result.message
 
 
-def test_bounding_is_global_across_files(tmp_path, allow_no_noise):
+@pytest.mark.parametrize("shuffle, threads", [("files", "0"), ("beam", "1")])
+def test_bounding_is_global_across_files(tmp_path, allow_no_noise, shuffle, threads):
     in_dir, normal = _write_inputs(tmp_path)
     for _ in range(3):  # the heavy user's partitions are random: check several draws
         result, released = run_nightly(tmp_path, SPEC, in_dir, no_noise=True,
-                                       extra=["--force-rerelease"])
+                                       extra=["--force-rerelease", "--shuffle", shuffle, "--threads", threads])
         assert result.exit_code == 0, result.message
         t = released["product_day"]
         views = dict(zip(t.column("product_id").to_pylist(), t.column("views").to_pylist()))

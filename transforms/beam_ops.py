@@ -30,7 +30,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from schemas import events
-from transforms import bounding, coders, hashing, readers, validate  # noqa: F401 (coders registers)
+from transforms import bounding, coders, fileshuffle, hashing, readers, validate  # noqa: F401 (coders registers)
 from transforms.parallel import PooledDoFn, Tally
 from transforms.budget import BudgetPlan
 from transforms.release import Releaser, add_public_partitions
@@ -160,8 +160,10 @@ class ReadValidateAndShardFn(PooledDoFn):
     Files are processed on `threads` threads (see transforms.parallel); outputs keep file order.
     """
 
-    def __init__(self, spec: JobSpec, date: datetime.date, n_shards: int, batch_rows: int, threads: int = 1):
+    def __init__(self, spec: JobSpec, date: datetime.date, n_shards: int, batch_rows: int, threads: int = 1,
+                 shuffle_dir: Optional[str] = None):
         self.spec = spec
+        self.shuffle_dir = shuffle_dir  # set: shard parts go to files there (transforms.fileshuffle)
         self.date = date
         self.n_shards = n_shards
         self.batch_rows = batch_rows
@@ -220,6 +222,8 @@ class ReadValidateAndShardFn(PooledDoFn):
                 # once (decoding first would materialize every string twice).
                 parts = [(shard, _shuffle_columns(part).combine_chunks().to_batches()[0])
                          for shard, part in split_by_key(slim, unit, self.n_shards)]
+                if self.shuffle_dir is not None:
+                    parts = [(shard, fileshuffle.write_part(self.shuffle_dir, batch)) for shard, batch in parts]
             yield from parts
 
     def _full_dead_rows(self, path: str, dead: pa.RecordBatch) -> pa.RecordBatch:
@@ -254,14 +258,19 @@ class BoundAndAggregateFn(PooledDoFn):
             self.pseudonym_key = local_dp.pseudonym_key_from_env()
 
     def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        shard, batches = element
-        batches = [b for b in batches if b.num_rows]  # materialized on the bundle thread
-        if not batches:
+        shard, parts = element
+        parts = list(parts)  # materialized on the bundle thread: record batches or shuffle file paths
+        if not parts:
             return
-        yield from self.submit(lambda tally: self._shard(batches, tally), window, timestamp)
+        yield from self.submit(lambda tally: self._shard(parts, tally), window, timestamp)
 
-    def _shard(self, batches: list, tally: Tally) -> list:
+    def _shard(self, parts: list, tally: Tally) -> list:
         with tally.timer("bound_aggregate"):
+            batches = [b for p in parts for b in (fileshuffle.read_part(p) if isinstance(p, str) else [p])
+                       if b.num_rows]
+            del parts[:]
+            if not batches:
+                return []
             table = pa.Table.from_batches(batches).combine_chunks()
             del batches[:]
             unit = table.column(UNIT).to_numpy()
@@ -398,24 +407,25 @@ class NightlyRelease(beam.PTransform):
     def __init__(self, spec: JobSpec, plan: BudgetPlan, *, date: datetime.date, staging_dir: str,
                  dead_dir: str, public_keys: dict, file_metadata: dict, n_shards: int = 8,
                  n_buckets: int = 8, batch_rows: int = 1_000_000, sampler: str = "secure",
-                 no_noise: bool = False, threads: int = 1):
+                 no_noise: bool = False, threads: int = 1, shuffle_dir: Optional[str] = None):
         super().__init__()
         self.spec, self.plan, self.date = spec, plan, date
         self.staging_dir, self.dead_dir = staging_dir, dead_dir
         self.public_keys, self.file_metadata = public_keys, file_metadata
         self.n_shards, self.n_buckets, self.batch_rows = n_shards, n_buckets, batch_rows
         self.sampler, self.no_noise = sampler, no_noise
-        self.threads = threads
+        self.threads, self.shuffle_dir = threads, shuffle_dir
 
     def expand(self, paths):
         spec = self.spec
         read = (paths
                 | "ReadValidateAndShard" >> beam.ParDo(
-                    ReadValidateAndShardFn(spec, self.date, self.n_shards, self.batch_rows, self.threads)
+                    ReadValidateAndShardFn(spec, self.date, self.n_shards, self.batch_rows, self.threads,
+                                           self.shuffle_dir)
                 ).with_outputs("dead", main="valid"))
         # Declare element types so Beam picks the Arrow IPC coders for the shuffles.
         read.dead.element_type = pa.RecordBatch
-        read.valid.element_type = Tuple[int, pa.RecordBatch]
+        read.valid.element_type = Tuple[int, str if self.shuffle_dir is not None else pa.RecordBatch]
         _ = (read.dead
              | "WriteDeadLetters" >> beam.ParDo(WriteDeadLettersFn(self.dead_dir)))
         bounded = (read.valid
