@@ -380,6 +380,10 @@ def _run(args, beam_args, prefetch=None) -> RunResult:
             raise SpecError(flag, f"must be >= 1, got {value}")
     if args.threads < 0:
         raise SpecError("--threads", f"must be >= 0 (0 = automatic), got {args.threads}")
+    runner_name = PipelineOptions(beam_args).get_all_options().get("runner")
+    if args.shuffle == "files" and runner_name not in fileshuffle.IN_PROCESS_RUNNERS:
+        raise SpecError("--shuffle", f"files needs the in-process local runner (its workers share this disk), "
+                                     f"not {runner_name}")
     if args.force_rerelease and args.skip_if_released:
         raise SpecError("--skip-if-released", "contradicts --force-rerelease")
     if args.run_id is not None and not _RUN_ID_RE.match(args.run_id):
@@ -499,10 +503,7 @@ def _execute(args, beam_args, spec, plan, privacy, run_id, output_root, quaranti
     dead_dir = FileSystems.join(quarantine, "dead_letter", f"dt={args.date.isoformat()}", f"run={run_id}")
     options, runner, runner_name = _pipeline_options(beam_args)
     threads = auto_threads(runner_name, args.threads)
-    use_files = args.shuffle == "files" or (args.shuffle == "auto" and runner_name in fileshuffle.IN_PROCESS_RUNNERS)
-    if use_files and runner_name not in fileshuffle.IN_PROCESS_RUNNERS:
-        raise SpecError("--shuffle", f"files needs the in-process local runner (workers share its disk), "
-                                     f"not {runner_name}")
+    use_files = args.shuffle != "beam" and runner_name in fileshuffle.IN_PROCESS_RUNNERS
     shuffle_dir = fileshuffle.make_dir(args.shuffle_dir) if use_files else None
     log_event("start", run_id=run_id, job=spec.job, date=args.date.isoformat(), files=inputs["files"],
               bytes=inputs["bytes"], runner=runner_name, threads=threads,
