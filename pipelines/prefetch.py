@@ -22,7 +22,6 @@ import os
 import pickle
 import subprocess
 import sys
-from typing import Optional
 
 DEFAULT_SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "nightly.yaml")
@@ -35,7 +34,7 @@ def default_quarantine(output: str) -> str:
     return output.rstrip("/") + "_quarantine"
 
 
-def ledger_path_for(spec, ledger: Optional[str], quarantine: str) -> str:
+def ledger_path_for(spec, ledger: str | None, quarantine: str) -> str:
     from transforms import ledger as ledger_lib
     if ledger:
         return ledger
@@ -57,7 +56,7 @@ def run_events(plan, spec) -> list:
     return accounting.mechanism_events(plan) + local_dp_events(spec)
 
 
-def _parse(argv: list) -> Optional[argparse.Namespace]:
+def _parse(argv: list) -> argparse.Namespace | None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--spec", default=DEFAULT_SPEC)
     parser.add_argument("--output")
@@ -130,7 +129,7 @@ class Prefetch:
             self.proc.stdout.close()
 
 
-def start(argv: list) -> Optional[Prefetch]:
+def start(argv: list) -> Prefetch | None:
     """Starts the helper on the run's arguments (None if they cannot be read or it is disabled)."""
     if os.environ.get(DISABLE_ENV) == "1" or _parse(argv) is None:
         return None

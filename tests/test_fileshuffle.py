@@ -3,7 +3,6 @@ import os
 import stat
 
 import pyarrow as pa
-import pytest
 
 from pipelines import nightly
 from tests.conftest import make_events, run_nightly, write_parquet

@@ -18,19 +18,18 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Optional
 
 import pyarrow as pa
 
 IN_PROCESS_RUNNERS = (None, "FnApiRunner")
 
 
-def make_dir(parent: Optional[str] = None) -> str:
+def make_dir(parent: str | None = None) -> str:
     """A fresh private directory for one run's shuffle files."""
     return tempfile.mkdtemp(prefix="clickdp-shuffle-", dir=parent)
 
 
-def remove_dir(path: Optional[str]) -> None:
+def remove_dir(path: str | None) -> None:
     if path:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -44,7 +44,7 @@ class Tally:
     def inc(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
 
-    def timer(self, stage: str) -> "_TallyTimer":
+    def timer(self, stage: str) -> _TallyTimer:
         return _TallyTimer(self, f"ms:{stage}")
 
     def flush(self) -> None:
