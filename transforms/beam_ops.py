@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import time
 import uuid
 from typing import Iterable, Optional
 
@@ -27,38 +26,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from schemas import events
 from transforms import bounding, coders, fileshuffle, hashing, readers, validate  # noqa: F401 (coders registers)
-from transforms.parallel import PooledDoFn, Tally
+from transforms.parallel import NAMESPACE, PooledDoFn, Tally  # noqa: F401 (NAMESPACE: metrics)
 from transforms.budget import BudgetPlan
 from transforms.release import Releaser, add_public_partitions
 from transforms.spec import JobSpec
 
-NAMESPACE = "clickdp"
 # Columns validation looks at (read even when no output needs them).
 VALIDATED_COLUMNS = ("user_id", "event_time", "event_type", "product_id", "price", "quantity")
 UNIT = "__unit"
-
-
-def counter(name: str):
-    return Metrics.counter(NAMESPACE, name)
-
-
-class stage_timer:
-    """Adds the wall time of a block to the counter ``ms:<stage>`` (summed over workers)."""
-
-    def __init__(self, stage: str):
-        self.counter = counter(f"ms:{stage}")
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.counter.inc(int((time.perf_counter() - self.t0) * 1000))
-        return False
 
 
 def needed_columns(spec: JobSpec) -> list:
@@ -104,15 +82,9 @@ def split_by_key(table: pa.Table, keys: np.ndarray, n: int) -> Iterable[Tuple[in
         yield int(ks[s]), taken.slice(int(s), int(e - s))
 
 
-def _single(col) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    return col
-
-
 def _hash_maybe_dictionary(col) -> np.ndarray:
     """hash_strings, computed once per dictionary entry for dictionary arrays."""
-    col = _single(col)
+    col = bounding.one_array(col)
     if pa.types.is_dictionary(col.type):
         per_entry = hashing.hash_strings(col.dictionary)
         idx = col.indices
@@ -124,7 +96,7 @@ def _hash_maybe_dictionary(col) -> np.ndarray:
 
 
 def _index_in_maybe_dictionary(col, value_set: pa.Array) -> pa.Array:
-    col = _single(col)
+    col = bounding.one_array(col)
     if pa.types.is_dictionary(col.type):
         per_entry = pc.index_in(col.dictionary, value_set=value_set)
         return per_entry.take(col.indices)
@@ -329,14 +301,16 @@ class MergeAndReleaseFn(beam.DoFn):
     def process(self, element):
         (name, bucket), partials = element
         output = self.spec.output(name)
-        with stage_timer("merge"):
+        tally = Tally()
+        with tally.timer("merge"):
             merged = bounding.merge_partials(output, list(partials))
             public = _public_subset(self.public_keys.get(name), bucket, self.n_buckets)
             merged = add_public_partitions(merged, output, public)
-        counter(f"out:{name}:partitions_considered").inc(merged.num_rows)
-        with stage_timer("release"):
+        tally.inc(f"out:{name}:partitions_considered", merged.num_rows)
+        with tally.timer("release"):
             released = self.releasers[name].release(merged)
-        counter(f"out:{name}:partitions_released").inc(released.num_rows)
+        tally.inc(f"out:{name}:partitions_released", released.num_rows)
+        tally.flush()
         yield name, released
 
 

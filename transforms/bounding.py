@@ -395,20 +395,23 @@ def partial_from_counts(output: Output, counts: pa.Table) -> pa.Table:
     keys = [counts.column(k).cast(pa.string()) for k in output.partition_keys]
     pids = counts.column(PID_COUNT).cast(pa.int64())
     cols = {k: arr for k, arr in zip(output.partition_keys, keys)}
-    cols[KEY_HASH] = pa.array(hashing.hash_columns([_one(k) for k in keys]), pa.uint64())
+    cols[KEY_HASH] = pa.array(hashing.hash_columns([one_array(k) for k in keys]), pa.uint64())
     cols[PID_COUNT] = pids
     cols[ROWS_KEPT] = pids
     cols[f"{output.metrics[0].name}__pids"] = pids
     return pa.Table.from_pydict(cols, schema=schema)
 
 
-def _one(col):
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+def one_array(col) -> pa.Array:
+    """A column as one Array (a chunked array's only chunk is taken as is, not copied)."""
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def plain_array(col) -> pa.Array:
     """A column as one plain (non-dictionary) array."""
-    col = _one(col)
+    col = one_array(col)
     return col.cast(col.type.value_type) if pa.types.is_dictionary(col.type) else col
 
 
@@ -424,20 +427,20 @@ def special_output_counts(view: ShardView, output: Output, rng=None) -> tuple[pa
         idx = np.flatnonzero(mask)
         t = view.table
         counts = pairs_lib.session_pairs(
-            view.unit[idx], _one(t.column("session_id")).take(pa.array(idx)),
-            _one(t.column("product_id")).take(pa.array(idx)), opts["max_pairs_per_user"], opts["type"],
+            view.unit[idx], one_array(t.column("session_id")).take(pa.array(idx)),
+            one_array(t.column("product_id")).take(pa.array(idx)), opts["max_pairs_per_user"], opts["type"],
             max_products_per_session=opts["max_products_per_session"], rng=rng)
     else:
         mask = view.mask(Filter((("event_type", "in", ("search",)),)))
         t = view.table
-        q = _one(t.column("search_query"))
+        q = one_array(t.column("search_query"))
         mask &= np.asarray(pc.is_valid(q).to_numpy(zero_copy_only=False))
         categories = None
         if opts["by_category"]:
             etype_codes, etype_dict = view.codes("event_type")
             etype = etype_dict.take(pa.array(np.maximum(etype_codes, 0)))
             cats_all = queries_lib.search_query_categories(
-                view.unit, _one(t.column("session_id")), _one(t.column("event_time")), etype,
+                view.unit, one_array(t.column("session_id")), one_array(t.column("event_time")), etype,
                 plain_array(t.column("category")))
             mask &= np.asarray(pc.is_valid(cats_all).to_numpy(zero_copy_only=False))
         idx = np.flatnonzero(mask)

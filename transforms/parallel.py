@@ -36,7 +36,8 @@ def auto_threads(runner_name: str | None, requested: int) -> int:
 
 
 class Tally:
-    """Counter increments (and stage milliseconds) recorded off the bundle thread."""
+    """Counter increments (and stage milliseconds, ``ms:<stage>``, summed over threads and
+    workers) recorded where Beam metrics cannot be: off the bundle thread, or in one batch."""
 
     def __init__(self):
         self.counts: collections.Counter = collections.Counter()
