@@ -128,7 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, date_required: bool = True
                              "auto (default) = files on the local runner, beam elsewhere")
     parser.add_argument("--shuffle-dir", default=None,
                         help="where --shuffle files makes its private temporary directory (default: the "
-                             "system temp dir; removed when the run ends)")
+                             "system temp dir; removed when the run ends, and what killed runs left there is "
+                             "removed by the next run: keep it local to this machine, not shared)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads per worker for the read and bound steps (default 0 = all cores on "
                              "the local runner, 1 on distributed runners, which run a worker per core)")

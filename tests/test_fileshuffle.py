@@ -72,3 +72,23 @@ def test_files_shuffle_needs_the_in_process_runner(tmp_path, allow_no_noise):
     result, _ = run_nightly(tmp_path, SPEC, in_dir, no_noise=True,
                             extra=["--shuffle", "files", "--runner", "PortableRunner"])
     assert result.exit_code == nightly.EXIT_BAD_SPEC and "--shuffle" in result.message
+
+
+def test_directories_of_killed_runs_are_swept(tmp_path):
+    import subprocess
+    import sys
+    # A process that made a shuffle directory and died without cleaning up (kill -9).
+    code = ("import sys; from transforms import fileshuffle; "
+            "d = fileshuffle.make_dir(sys.argv[1]); fileshuffle.write_part(d, __import__('pyarrow').record_batch("
+            "{'x': [1]})); print(d)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dead = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert os.path.isdir(dead) and os.listdir(dead)
+    other = tmp_path / "not-a-shuffle-dir"
+    other.mkdir()
+    mine = fileshuffle.make_dir(str(tmp_path))  # sweeps the dead one, keeps everything else
+    assert not os.path.exists(dead)
+    assert os.path.isdir(mine) and other.is_dir()
+    assert fileshuffle.sweep_dead(str(tmp_path)) == []  # this process is alive: its directory stays
+    fileshuffle.remove_dir(mine)

@@ -8,7 +8,8 @@ Beam's GroupByKey; the bound step memory-maps the files. Beam still decides what
 grouped with what and when, so the bounding sees exactly the same rows either way.
 
 The files hold validated events (hashed user ids, not raw ones) and live in a directory
-only the running user can read (``tempfile.mkdtemp``), removed when the run ends. A file
+only the running user can read (``tempfile.mkdtemp``), removed when the run ends; what a
+killed run left behind is removed by the next run that shuffles in the same place. A file
 name is unique per write (a retried bundle writes new files; only the paths Beam groups
 are read). Distributed runners keep Beam's shuffle: their workers do not share a disk.
 """
@@ -24,9 +25,43 @@ import pyarrow as pa
 IN_PROCESS_RUNNERS = (None, "FnApiRunner")
 
 
+PREFIX = "clickdp-shuffle-"
+
+
 def make_dir(parent: str | None = None) -> str:
-    """A fresh private directory for one run's shuffle files."""
-    return tempfile.mkdtemp(prefix="clickdp-shuffle-", dir=parent)
+    """A fresh private directory for one run's shuffle files, named after this process.
+
+    First removes what runs killed before their cleanup (kill -9, a scheduler's timeout)
+    left in ``parent``: directories of processes that no longer exist."""
+    parent = parent or tempfile.gettempdir()
+    sweep_dead(parent)
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
+
+
+def sweep_dead(parent: str) -> list:
+    """Removes the shuffle directories under ``parent`` whose process is gone; returns them."""
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+        path = os.path.join(parent, name)
+        if pid.isdigit() and not _alive(int(pid)) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def remove_dir(path: str | None) -> None:
