@@ -159,3 +159,39 @@ def test_codes_in_matches_isin_and_never_hits_null():
         assert np.array_equal(codes_in(codes, hit, n_codes), np.isin(codes, hit))
         assert not codes_in(codes, hit, n_codes)[codes == -1].any()
     assert codes_in(np.array([-1, 0]), np.array([], dtype=np.int64), 1).tolist() == [False, False]
+
+
+def _subset_frequencies_ok(counts: dict, k: int, trials: int) -> bool:
+    """Each of k equally likely outcomes: Binomial(trials, 1/k); 5.5 sd bounds each count
+    (two-sided tail < 3.8e-8 per outcome)."""
+    p = 1.0 / k
+    sd = math.sqrt(trials * p * (1 - p))
+    return len(counts) == k and all(abs(c - trials * p) < 5.5 * sd for c in counts.values())
+
+
+def test_every_k_subset_is_equally_likely():
+    """L0 = 2 of 4 partitions (6 pairs) and Linf = 2 of 5 rows (10 pairs) and a total cap of
+    2 of 4 single-row cells (6 pairs): each subset has probability 1/6, 1/10, 1/6. With 16
+    outcomes checked at 5.5 sd, the test fails spuriously with probability < 7e-7."""
+    import collections
+    trials = 3000
+    l0, linf, cap = collections.Counter(), collections.Counter(), collections.Counter()
+    u4 = np.zeros(4, dtype=np.uint64)
+    p4 = np.arange(4, dtype=np.int64)
+    u5 = np.zeros(5, dtype=np.uint64)
+    p5 = np.zeros(5, dtype=np.int64)
+    # Another unit within every bound must always be kept whole, whatever the first one draws.
+    u_mixed = np.array([0, 0, 0, 0, 1, 1], dtype=np.uint64)
+    p_mixed = np.array([0, 1, 2, 3, 0, 1], dtype=np.int64)
+    for _ in range(trials):
+        kept = bounding.bound_contributions(u4, p4, Bounds(2, 1))
+        l0[tuple(sorted(p4[kept.rows]))] += 1
+        kept = bounding.bound_contributions(u5, p5, Bounds(1, 2))
+        linf[tuple(sorted(kept.rows))] += 1
+        kept = bounding.bound_contributions(u_mixed, p_mixed, Bounds(4, 1, max_contributions=2))
+        rows = sorted(kept.rows)
+        assert rows[-2:] == [4, 5] and len(rows) == 4
+        cap[tuple(rows[:2])] += 1
+    assert _subset_frequencies_ok(l0, 6, trials), l0
+    assert _subset_frequencies_ok(linf, 10, trials), linf
+    assert _subset_frequencies_ok(cap, 6, trials), cap
